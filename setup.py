@@ -1,8 +1,6 @@
 """Packaging for seqcircuits: every field comes from settings.ini (the nbdev convention)."""
-from pkg_resources import parse_version
 from configparser import ConfigParser
 import setuptools, shlex
-assert parse_version(setuptools.__version__) >= parse_version('36.2')
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
