@@ -1,0 +1,88 @@
+"""Benchmark: fast path patching against the naive reference, in one run, with identical scores.
+
+Fast: `patching_runs` (the cached clean and corrupted circuit runs, counted in full) plus `score_senders` for each
+receiver (one batched forward from the receiver's block), with either engine: `sparse` (the default: only the circuit's
+own nodes are computed) and `blocks` (TransformerLens blocks with hooks). Naive: `naive_edge_values` from
+tests/test_patching.py, one full forward per edge. Printed per case: wall times, the wall-time ratio (and the CPU-time
+ratio, steadier on a shared machine), and the largest difference of the edge scores.
+On the GPT-2-size model the naive loop takes minutes per receiver, so both sides run the same subsample of receivers
+(every n-th, all of their senders); the fast side still pays for its whole one-off cache.
+
+Run: `python bench/bench_patching.py` (`--quick` for a smoke run, `--every N`, `--threads N`).
+"""
+import argparse, sys, time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'tests'))
+from test_patching import naive_edge_values  # the plain reference lives with the tests
+from seqcircuits.core import Circuit
+from seqcircuits.model import config_fingerprint, organism_dir, load_model, gpt2_small_config, random_model
+from seqcircuits.patching import patching_runs, score_senders, receivers_of, senders_of, top2_prompts
+
+
+def bench(name, model, prompts, circuit, every=1, batch_size=512):
+    "Time both fast engines and the naive loop on the same edges: every `every`-th receiver (all senders of each)."
+    L = model.cfg.n_layers
+    recs = receivers_of(circuit, L)[::every]
+    edges = [(s, r, ch) for r, ch in recs for s in senders_of(circuit, r)]
+    sub = '' if every == 1 else f' (every {every}th receiver: {len(recs)} of {len(receivers_of(circuit, L))})'
+    print(f"{name}: {len(circuit)}-node circuit, {prompts.n_prompts} prompts x {prompts.n_pos} tokens, {len(edges)} edges{sub}")
+    clock = lambda: (time.perf_counter(), time.process_time())
+    t0 = clock()
+    naive, clean, _ = naive_edge_values(model, prompts, circuit, edges)
+    t_naive = [b - a for a, b in zip(t0, clock())]
+    model.set_use_split_qkv_input(False); model.set_use_hook_mlp_in(False)
+    out = {}
+    for engine in ('sparse', 'blocks'):
+        t0 = clock()
+        runs = patching_runs(model, prompts, circuit)  # the one-off cached runs count in full against the fast path
+        fast = [v for r, ch in recs for v in score_senders(model, runs, r, ch, batch_size=batch_size, engine=engine).tolist()]
+        t_fast = [b - a for a, b in zip(t0, clock())]
+        diff = max(abs(a / runs.clean_value - b / clean) for a, b in zip(fast, naive))
+        print(f"  {engine:6s}: fast {t_fast[0]:7.2f} s, naive {t_naive[0]:7.2f} s, wall-time ratio {t_naive[0] / t_fast[0]:5.1f}x "
+              f"(CPU-time ratio {t_naive[1] / t_fast[1]:5.1f}x); max |score diff| {diff:.1e}; identical to 1e-4: {diff < 1e-4}")
+        out[engine] = (t_naive[0] / t_fast[0], diff)
+    return out
+
+
+def gpt2_size(quick=False):
+    cfg = gpt2_small_config(n_ctx=64, act_fn='gelu')
+    model = random_model(cfg, seed=0)
+    g = torch.Generator().manual_seed(0)
+    n = 8 if quick else 16
+    prompts = top2_prompts(model, torch.randint(0, cfg.d_vocab, (n, 20), generator=g),
+                           torch.randint(0, cfg.d_vocab, (n, 20), generator=g))
+    # the published GPT-2 small numerals circuit's 14 heads and 6 of its MLPs: 20 nodes
+    circuit = Circuit.from_names('0.1 1.5 4.4 4.10 5.0 6.1 6.6 6.10 7.11 8.1 8.6 8.8 8.9 9.1 MLP0 MLP1 MLP2 MLP9 MLP10 MLP11',
+                                 config_hash=config_fingerprint(cfg))
+    return model, prompts, circuit
+
+
+def organism_cases():
+    "The organism on numerals prompts: its knockout circuit, and the circuit of all its heads and MLPs."
+    from seqcircuits.data import make_prompts, filter_prompts
+    from seqcircuits.knockout import find_circuit
+    from seqcircuits.model import all_nodes
+    model = load_model()
+    prompts = filter_prompts(model, make_prompts(model, 'numerals', 'done', n_prompts=128, seed=0))[0][:64]
+    knock = find_circuit(model, prompts, progress=False)
+    full = Circuit(frozenset(all_nodes(model)), config_hash=config_fingerprint(model.cfg))
+    return model, prompts, {'knockout circuit': knock, 'all heads and MLPs': full}
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--quick', action='store_true', help='fewer prompts and receivers (smoke run)')
+    ap.add_argument('--every', type=int, default=8, help='time every n-th receiver on the GPT-2-size model')
+    ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own choice)')
+    a = ap.parse_args()
+    torch.set_grad_enabled(False)
+    if a.threads: torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if (organism_dir()/'model.safetensors').exists():
+        model, prompts, circuits = organism_cases()
+        for name, circuit in circuits.items(): bench(f'organism, {name}', model, prompts, circuit)
+    else: print('organism: not bundled, skipped')
+    bench('GPT-2-small-size random model', *gpt2_size(a.quick), every=12 if a.quick else a.every)
