@@ -19,7 +19,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from seqcircuits.core import Node
 from seqcircuits.model import all_nodes, organism_dir, load_model
-from seqcircuits.knockout import find_circuit, history_frame, random_prompts, NodeScorer
+from seqcircuits.data import model_labelled_prompts
+from seqcircuits.knockout import find_circuit, history_frame, NodeScorer
 
 warnings.filterwarnings('ignore', category=DeprecationWarning)
 
@@ -71,7 +72,7 @@ def gpt2_size(device, full: bool, n_prompts: int = 64, n_pos: int = 20):
     cfg = HookedTransformerConfig(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=64,
                                   act_fn='gelu', normalization_type='LN', seed=0, device=device)
     model = HookedTransformer(cfg).eval()
-    ps = random_prompts(model, n_prompts, n_pos)
+    ps = model_labelled_prompts(model, n_prompts=n_prompts, n_pos=n_pos)
     if full: return compare("GPT-2-small-size random model (every head and MLP, all passes)", model, ps)
     # one full forward takes ~10 s on 2 CPU cores: restrict the reference loop to 24 candidates spread over every
     # layer (head 0 and the MLP of each layer; the other heads pinned) and one backward pass

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'tests'))
 from test_patching import naive_edge_values  # the plain reference lives with the tests
 from seqcircuits.core import Circuit
 from seqcircuits.model import config_fingerprint, organism_dir, load_model, gpt2_small_config, random_model
-from seqcircuits.patching import patching_runs, score_senders, receivers_of, senders_of, top2_prompts
+from seqcircuits.data import model_labelled_prompts
+from seqcircuits.patching import patching_runs, score_senders, receivers_of, senders_of
 
 
 def bench(name, model, prompts, circuit, every=1, batch_size=512):
@@ -52,8 +53,8 @@ def gpt2_size(quick=False):
     model = random_model(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     n = 8 if quick else 16
-    prompts = top2_prompts(model, torch.randint(0, cfg.d_vocab, (n, 20), generator=g),
-                           torch.randint(0, cfg.d_vocab, (n, 20), generator=g))
+    prompts = model_labelled_prompts(model, torch.randint(0, cfg.d_vocab, (n, 20), generator=g),
+                                     torch.randint(0, cfg.d_vocab, (n, 20), generator=g))
     # the published GPT-2 small numerals circuit's 14 heads and 6 of its MLPs: 20 nodes
     circuit = Circuit.from_names('0.1 1.5 4.4 4.10 5.0 6.1 6.6 6.10 7.11 8.1 8.6 8.8 8.9 9.1 MLP0 MLP1 MLP2 MLP9 MLP10 MLP11',
                                  config_hash=config_fingerprint(cfg))

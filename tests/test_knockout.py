@@ -8,7 +8,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from seqcircuits.core import Node, PromptSet, Circuit
 from seqcircuits.metrics import Metric
 from seqcircuits.model import all_nodes, organism_dir, load_model
-from seqcircuits.knockout import (find_circuit, history_frame, random_prompts, knockout_stability, drop_table,
+from seqcircuits.data import model_labelled_prompts
+from seqcircuits.knockout import (find_circuit, history_frame, knockout_stability, drop_table,
                                   KnockoutStep, NodeScorer, random_order, FORWARD_FIRST)
 
 
@@ -59,7 +60,7 @@ def rand():
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=40,
                                   act_fn='gelu', normalization_type='LN', seed=2)
     model = HookedTransformer(cfg).eval()
-    return model, random_prompts(model, 16, 9, wrong_rank=39)
+    return model, model_labelled_prompts(model, n_prompts=16, n_pos=9, wrong_rank=39)
 
 @pytest.fixture(scope='module')
 def organism():
@@ -182,7 +183,7 @@ def test_fast_path_on_other_architectures(arch):
     cfg = HookedTransformerConfig(**(dict(n_layers=3, d_model=32, n_ctx=32, d_head=8, n_heads=4, d_mlp=64, d_vocab=40,
                                           act_fn='gelu', normalization_type='LN', seed=3) | arch))
     model = HookedTransformer(cfg).eval()
-    ps = random_prompts(model, 12, 8, wrong_rank=39)
+    ps = model_labelled_prompts(model, n_prompts=12, n_pos=8, wrong_rank=39)
     if arch.get('parallel_attn_mlp'):
         with pytest.warns(UserWarning, match='does not support this architecture'): assert not NodeScorer(model, ps).fast
     fast, ref = find_circuit(model, ps, progress=False), find_circuit(model, ps, fast=False, progress=False)

@@ -11,7 +11,8 @@ from seqcircuits.model import config_fingerprint, enable_edge_hooks, organism_di
 from seqcircuits.metrics import get_metric
 from seqcircuits.ablation import compute_ablation, ablated, complement
 from seqcircuits.patching import (patching_runs, score_senders, find_edges, edge_faithfulness, receivers_of, senders_of,
-                                  check_circuit, top2_prompts)
+                                  check_circuit)
+from seqcircuits.data import model_labelled_prompts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def rand3():
                                   act_fn='gelu', normalization_type='LN', seed=1)
     model = HookedTransformer(cfg).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = top2_prompts(model, torch.randint(0, 40, (10, 7), generator=g), torch.randint(0, 40, (10, 7), generator=g))
+    prompts = model_labelled_prompts(model, torch.randint(0, 40, (10, 7), generator=g), torch.randint(0, 40, (10, 7), generator=g))
     circuit = Circuit.from_names('0.1 MLP0 1.2 MLP1 2.1 2.3 MLP2', config_hash=config_fingerprint(cfg))
     return model, prompts, circuit
 
@@ -217,7 +218,7 @@ def test_sparse_engine_architectures(variant):
     if variant == 'local_softcap': kw.update(attn_types=['local', 'global'], window_size=3, attn_scores_soft_cap=5.0)
     model = HookedTransformer(HookedTransformerConfig(**kw)).eval()
     g = torch.Generator().manual_seed(1)
-    prompts = top2_prompts(model, torch.randint(0, 30, (6, 8), generator=g), torch.randint(0, 30, (6, 8), generator=g))
+    prompts = model_labelled_prompts(model, torch.randint(0, 30, (6, 8), generator=g), torch.randint(0, 30, (6, 8), generator=g))
     names = '0.0 0.2 1.1 1.3' + (' 1.0 1.2' if variant == 'attn_only' else ' MLP0 MLP1')  # attn_only: a full layer of heads
     circuit = Circuit.from_names(names, config_hash=config_fingerprint(model.cfg))
     runs = patching_runs(model, prompts, circuit)
