@@ -22,7 +22,7 @@ from .metrics import get_metric
 from .ablation import compute_ablation, ablated_logits, complement, AblationKind
 from .data import make_prompts, filter_prompts, get_task, get_template, TASKS, TEMPLATES
 from .knockout import find_circuit, drop_table, plot_drops, top_drops
-from .patching import find_edges, edge_faithfulness
+from .patching import find_edges
 from .graphs import plot_circuit, plot_circuits, save_figure
 
 # %% auto #0
@@ -123,12 +123,12 @@ def _stage_knockout(study:Study, task:str, folder:Path) -> dict:
 def _stage_edges(study:Study, task:str, folder:Path) -> dict:
     st, model = study.settings, study.model
     nodes = study.circuit(task)
-    c = find_edges(model, study.prompts(task), nodes, threshold=st.threshold, metric=st.metric, progress=study.progress)
-    faith = edge_faithfulness(model, study.prompts(task), c)
-    c = replace(c, meta={**c.meta, 'faithfulness': faith})
+    # find_edges scores the edge circuit (only its edges intact) with the same metric and ablation: Circuit.score
+    c = find_edges(model, study.prompts(task), nodes, threshold=st.threshold, metric=st.metric,
+                   ablation=study.ablation(task), progress=study.progress)
     c.to_json(folder/'circuit.json')
     _fig(plot_circuit(c, model.cfg.n_layers), folder, 'graph')
-    return {'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': faith}
+    return {'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': c.score}
 
 def _stage_drops(study:Study, task:str, folder:Path) -> dict:
     st, model, prompts = study.settings, study.model, study.prompts(task)
@@ -292,7 +292,7 @@ def write_report(out:str|Path, stages:Sequence[Stage]=STAGES) -> Path:
         if done('edges', t):
             c = Circuit.from_json(out/t/'edges'/'circuit.json')
             parts += [f"<h3>Edges</h3><p>{len(c.edges)} edges among {len(c.nodes)} nodes; with only these edges intact "
-                      f"the model keeps {100*c.meta.get('faithfulness', float('nan')):.1f}% of its {E(st.metric)}.</p>",
+                      f"the model keeps {100*c.score:.1f}% of its {E(st.metric)}.</p>",
                       _img(f'{t}/edges/graph.png', f'{t} circuit graph')]
         if done('drops', t):
             d = out/t/'drops'
