@@ -17,6 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig, utils a
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.utilities import apply_softcap as tl_apply_softcap
 from transformer_lens.utilities.attention import simple_attn_linear as tl_attn_linear
+from transformer_lens.components import LayerNorm as tl_LayerNorm, LayerNormPre as tl_LayerNormPre
 try: from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES as _POST_NORM
 except ImportError: _POST_NORM = ()
 
@@ -24,7 +25,7 @@ from .core import Node, NodeKind, Channel, PromptSet
 
 # %% auto #0
 __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook', 'all_nodes', 'check_nodes',
-           'config_fingerprint', 'check_prompts', 'resid_at', 'logits_from', 'unembed', 'final_logits',
+           'config_fingerprint', 'check_prompts', 'resid_at', 'logits_from', 'norm', 'unembed', 'final_logits',
            'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of', 'attn_half', 'mlp_half',
            'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'attn_out_bias', 'heads_out', 'positional_weights',
            'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
@@ -102,9 +103,16 @@ def logits_from(model:HookedTransformer, resid:Float[Tensor, "batch pos d_model"
     for block in model.blocks[layer:]: resid = block(resid)
     return unembed(model, resid if all_pos else resid[:, -1])
 
+def norm(module:torch.nn.Module, x:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    "Apply one of the model's norms: TransformerLens's LayerNorm (and LayerNormPre) as one fused op when no hook is attached to it, other norms as themselves."
+    fused = isinstance(module, (tl_LayerNorm, tl_LayerNormPre)) and x.dtype in (torch.float32, torch.float64)
+    if not fused or module.hook_scale._forward_hooks or module.hook_normalized._forward_hooks: return module(x)
+    w = getattr(module, 'w', None)
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], w, getattr(module, 'b', None), module.eps)
+
 def unembed(model:HookedTransformer, resid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     "Logits from the final residual stream: final norm (if the model has one), W_U, and the logit soft cap (if any)."
-    if model.cfg.normalization_type is not None: resid = model.ln_final(resid)
+    if model.cfg.normalization_type is not None: resid = norm(model.ln_final, resid)
     return tl_apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 def final_logits(model:HookedTransformer, # a HookedTransformer, or any module mapping tokens [batch pos] to logits [batch pos d_vocab]
@@ -150,18 +158,18 @@ def split_supported(model:HookedTransformer|HookedTransformerConfig, # a model o
 
 def attn_in(model:HookedTransformer, layer:int, resid:Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
     "The normalised input of block `layer`'s attention (its first norm applied to `resid`; no hooks)."
-    return model.blocks[layer].ln1(resid)
+    return norm(model.blocks[layer].ln1, resid)
 
 def mlp_of(model:HookedTransformer, layer:int, resid_mid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     "The output of block `layer`'s MLP (its norm, then the MLP) on the residual stream `resid_mid` (no hooks)."
     block = model.blocks[layer]
-    return block.mlp(block.ln2(resid_mid))
+    return block.mlp(norm(block.ln2, resid_mid))
 
 def attn_half(model:HookedTransformer, layer:int, resid_pre:Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
     "The residual stream after the attention of block `layer` (resid_mid); hooks attached to `model` apply."
     block = model.blocks[layer]
     resid_pre = block.hook_resid_pre(resid_pre)
-    x = attn_in(model, layer, resid_pre)
+    x = block.ln1(resid_pre)  # the module itself (not `norm`): bit for bit TransformerLens's block
     attn_out = block.hook_attn_out(block.attn(query_input=x, key_input=x, value_input=x))
     return resid_pre + attn_out if model.cfg.attn_only else block.hook_resid_mid(resid_pre + attn_out)
 
@@ -173,7 +181,7 @@ def mlp_half(model:HookedTransformer, layer:int, resid_mid:Float[Tensor, "batch 
     if model.cfg.attn_only: return block.hook_resid_post(resid_mid)
     if mlp_out is None:
         x = block.hook_mlp_in(resid_mid.clone()) if model.cfg.use_hook_mlp_in else resid_mid
-        mlp_out = block.hook_mlp_out(mlp_of(model, layer, x))
+        mlp_out = block.hook_mlp_out(block.mlp(block.ln2(x)))
     return block.hook_resid_post(resid_mid + mlp_out)
 
 def mid_hook(model:HookedTransformer, layer:int) -> str:
@@ -201,17 +209,24 @@ def attn_out_bias(model:HookedTransformer, layer:int) -> Float[Tensor, "d_model"
     return model.blocks[layer].attn.b_O
 
 def heads_out(model:HookedTransformer, layer:int, heads:Sequence[int], q_in:Float[Tensor, "batch q_pos d_model"],
-              k_in:Float[Tensor, "batch pos d_model"], v_in:Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch q_pos d_model"]:
-    "Summed output (no b_O) of only `heads` of block `layer` from normalised q/k/v inputs; `q_in` may hold only the last positions."
+              k_in:Float[Tensor, "batch pos d_model"], v_in:Float[Tensor, "batch pos d_model"],
+              per_head:bool=False, # return each head's output ([batch q_pos head_index d_model]) instead of their sum
+             ) -> Float[Tensor, "batch q_pos d_model"]:
+    """Summed output (no b_O) of only `heads` of block `layer` from normalised q/k/v inputs; `q_in` may hold only the last
+    positions. An input with fewer prompts than the others (a divisor of their number) is projected once and repeated:
+    patched runs share their unpatched inputs."""
     attn, hs, off = model.blocks[layer].attn, list(heads), k_in.shape[1] - q_in.shape[1]
-    q = tl_attn_linear(q_in, attn.W_Q[hs], attn.b_Q[hs])
-    k = tl_attn_linear(k_in, attn.W_K[hs], attn.b_K[hs])
-    v = tl_attn_linear(v_in, attn.W_V[hs], attn.b_V[hs])
+    B = max(t.shape[0] for t in (q_in, k_in, v_in))
+    def proj(x, W, b):
+        if B % x.shape[0]: raise ValueError(f"heads_out: inputs of {x.shape[0]} and {B} prompts cannot be matched.")
+        y = tl_attn_linear(x, W[hs], b[hs])
+        return y if x.shape[0] == B else y.repeat(B // x.shape[0], *[1] * (y.ndim - 1))
+    q, k, v = proj(q_in, attn.W_Q, attn.b_Q), proj(k_in, attn.W_K, attn.b_K), proj(v_in, attn.W_V, attn.b_V)
     if model.cfg.positional_embedding_type == 'rotary': q, k = attn.apply_rotary(q, off, None), attn.apply_rotary(k, 0, None)
     pattern = attn.apply_causal_mask(attn.calculate_attention_scores(q, k), off, None).softmax(-1)
     pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern).to(v.dtype)
     z = attn.calculate_z_scores(v, pattern)
-    return torch.einsum('bphe,hed->bpd', z, head_out_weights(model, layer)[hs])
+    return torch.einsum('bphe,hed->bphd' if per_head else 'bphe,hed->bpd', z, head_out_weights(model, layer)[hs])
 
 # %% ../nbs/02_model.ipynb #0d86e115
 def positional_weights(model:HookedTransformer) -> Tensor:

@@ -19,12 +19,12 @@ from transformer_lens import HookedTransformer
 from .core import Node, NodeKind, Channel, Edge, Circuit, PromptSet
 from .model import (node_out_hook, receiver_hook, resid_hook, mid_hook, check_nodes, check_prompts,
                                config_fingerprint, logits_from, final_logits, edge_hooks_enabled, head_contribution,
-                               attn_out_bias, attn_in, mlp_of, heads_out, split_supported)
+                               attn_out_bias, attn_in, mlp_of, heads_out, split_supported, all_nodes, resid_at, unembed)
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, compute_ablation, get_ablation, ablation_hooks, complement
 
 # %% auto #0
-__all__ = ['check_circuit', 'is_causal', 'receivers_of', 'senders_of', 'ScoreForm', 'PatchingRuns', 'patching_runs', 'Engine',
+__all__ = ['check_circuit', 'is_causal', 'receivers_of', 'senders_of', 'ScoreForm', 'PatchingRuns', 'Engine', 'patching_runs',
            'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table']
 
 # %% ../nbs/07_path_patching.ipynb #ece52232
@@ -91,7 +91,7 @@ class PatchingRuns:
     metric: Metric # the task metric
     ablation: Ablation # values written in place of the non-circuit nodes
     ablated_nodes: tuple[Node, ...] # the nodes outside the circuit
-    resid: dict[int, Tensor] # layer -> clean circuit run's residual entering that block; n_layers: the final one
+    resid: dict[int, Tensor] # layer -> clean circuit run's residual entering that block (circuit layers and the next); n_layers: the final one
     mid: dict[int, Tensor] # layer -> clean circuit run's residual after that block's attention (circuit layers)
     delta: dict[Node, Tensor] # sender -> its corrupted minus its clean contribution, [batch pos d_model]
     clean_heads: dict[Node, Tensor] # circuit head -> its clean contribution, [batch pos d_model]
@@ -99,7 +99,9 @@ class PatchingRuns:
     corrupted: Tensor # per-prompt metric of the corrupted circuit run
     full: Tensor # per-prompt metric of the full model
     reference: Tensor|None # the full model's final-position logits (only kept for metrics that need them)
-    consts: dict = field(default_factory=dict, repr=False) # filled by the sparse engine: per-block constant outputs
+    start: int = 0 # first position where a clean and its corrupted prompt differ: no patched run differs before it
+    prefix: dict[int, Tensor] = field(default_factory=dict, repr=False) # layer -> clean run's normalised attention input before `start`
+    consts: dict = field(default_factory=dict, repr=False) # the sparse engine's per-block constant outputs (made when first needed)
 
     @property
     def clean_value(self) -> float: return self.clean.float().mean().item()
@@ -122,7 +124,7 @@ class PatchingRuns:
         return [(float(v) - self.clean_value) / gap for v in values]
 
 # %% ../nbs/07_path_patching.ipynb #984dafdb
-def _sub_ablation(ablation:Ablation, idx:Tensor, reps:int=1) -> Ablation:
+def _sub_ablation(ablation:Ablation, idx:slice, reps:int=1) -> Ablation:
     "`ablation` for the prompts `idx`, repeated `reps` times along the batch (resample ablation holds one value per prompt)."
     if not ablation.per_prompt: return ablation
     return Ablation(ablation.kind, {k: v[idx].repeat(reps, *[1]*(v.ndim-1)) for k, v in ablation.values.items()}, ablation.n_pos)
@@ -133,98 +135,144 @@ def _prepare(model:HookedTransformer, prompts:PromptSet, circuit:Circuit, metric
     prompts, metric = check_prompts(model, prompts), get_metric(metric)
     return prompts, metric, get_ablation(model, prompts, ablation), tuple(complement(model, circuit))
 
-def _chunks(n:int, size:int) -> list[Tensor]: return list(torch.arange(n).split(max(1, size)))
+# %% ../nbs/07_path_patching.ipynb #5a477bda
+class Engine(str, Enum):
+    "How the blocks of the cached and the patched runs are computed."
+    AUTO = 'auto' # sparse where supported, else blocks
+    SPARSE = 'sparse' # compute only the circuit's nodes; ablated nodes add their constant outputs
+    BLOCKS = 'blocks' # TransformerLens blocks with ablation and patch hooks
+
+def _engine(model:HookedTransformer, engine:Engine|str) -> Engine:
+    "`engine` resolved for `model`: AUTO becomes SPARSE where `split_supported`, else BLOCKS; SPARSE is refused where unsupported."
+    engine, ok = Engine(engine), split_supported(model, heads=True)
+    if engine == Engine.AUTO: return Engine.SPARSE if ok else Engine.BLOCKS
+    if engine == Engine.SPARSE and not ok:
+        raise ValueError(f"engine='sparse' does not support this architecture ({model.cfg.original_architecture or model.cfg.model_name}); "
+                         f"use engine='blocks'.")
+    return engine
+
+def _take(t:Tensor, idx:slice, reps:int) -> Tensor:
+    "A constant shared by all prompts ([pos, d_model]) as is; a per-prompt one ([batch, pos, d_model]) for `idx`, repeated."
+    return t if t.ndim == 2 else t[idx].repeat(reps, 1, 1)
+
+def _consts(model:HookedTransformer, nodes:Iterable[Node], ablation:Ablation|None, n_pos:int) -> dict[int, dict]:
+    "Per block: the heads among `nodes`, the constant output of its other heads (+ b_O), and its MLP's constant output (None if computed)."
+    cfg, nodes, out = model.cfg, set(nodes), {}
+    for l in range(cfg.n_layers):
+        heads = [h for h in range(cfg.n_heads) if Node.attn(l, h) in nodes]
+        attn = attn_out_bias(model, l).detach().expand(n_pos, -1).clone()  # [pos, d_model] at least
+        for h in range(cfg.n_heads):
+            if h not in heads: attn = attn + head_contribution(model, ablation.values[node_out_hook(Node.attn(l, h))], Node.attn(l, h))
+        mlp = None if cfg.attn_only or Node.mlp(l) in nodes else ablation.values[node_out_hook(Node.mlp(l))]
+        out[l] = {'heads': heads, 'attn': attn, 'mlp': mlp}
+    return out
+
+def _sparse_forward(model:HookedTransformer, consts:dict, tokens:Tensor, idx:slice, reps:int=1) -> tuple:
+    """Run the model from `tokens` computing only the nodes of `consts` (the others add their constants). Returns the
+    final logits and, per block, the residual entering it, the residual after its attention and its computed nodes'
+    contributions; in the last block the residual after attention and the MLP's output hold the last position only."""
+    L, resid, mid, contrib = model.cfg.n_layers, {}, {}, {}
+    x = contrib[Node.embed()] = resid_at(model, tokens, 0)
+    for l in range(L):
+        c, resid[l] = consts[l], x
+        m = x + _take(c['attn'], idx, reps)
+        if c['heads']:
+            a = attn_in(model, l, x)
+            outs = heads_out(model, l, c['heads'], a, a, a, per_head=True)
+            for i, h in enumerate(c['heads']): contrib[Node.attn(l, h)] = outs[:, :, i]
+            m = m + outs.sum(2)
+        mid[l] = m = m[:, -1:] if l == L - 1 else m
+        if not model.cfg.attn_only:
+            if c['mlp'] is None: o = contrib[Node.mlp(l)] = mlp_of(model, l, m)
+            else: o = _take(c['mlp'], idx, reps)[..., -m.shape[1]:, :]
+            m = m + o
+        x = m
+    resid[L] = x
+    return unembed(model, x[:, -1]), resid, mid, contrib
+
+def _sparse_rest(model:HookedTransformer, consts:dict, layer:int, resid:Tensor, idx:slice, reps:int,
+                 after_attn:bool=False, # `resid` is the residual after block `layer`'s attention (else: entering the block)
+                 prefix:dict[int, Tensor]|None=None, # layer -> normalised attention input at the positions before `start` ([batch pos d_model], shared)
+                 start:int=0, # `resid` holds the positions from `start` on (the last only in the last block)
+                ) -> Tensor:
+    """Run blocks `layer..L-1` from `resid` computing the circuit's nodes only (ablated nodes add their constant outputs).
+    Positions before `start` are the cached clean run's (keys and values read them from `prefix`); the last block is
+    computed at the last position only: nothing else reaches the logits."""
+    mid, L = resid, model.cfg.n_layers
+    for l in range(layer, L):
+        c, rows = consts[l], slice(-1, None) if l == L - 1 else slice(start, None)
+        if not (after_attn and l == layer):
+            attn = _take(c['attn'], idx, reps)[..., rows, :]
+            if c['heads']:
+                x = attn_in(model, l, mid)
+                kv = torch.cat([prefix[l][idx].repeat(reps, 1, 1), x], 1) if start else x
+                attn = attn + heads_out(model, l, c['heads'], x[:, -1:] if l == L - 1 else x, kv, kv)
+            mid = (mid[:, -1:] if l == L - 1 else mid) + attn
+        if not model.cfg.attn_only:
+            mid = mid + (mlp_of(model, l, mid) if c['mlp'] is None else _take(c['mlp'], idx, reps)[..., rows, :])
+    return mid
+
+# %% ../nbs/07_path_patching.ipynb #769241f2
+def _chunks(n:int, size:int) -> list[slice]:
+    "Consecutive prompt ranges of at most `size` (slices: the cached tensors are read as views, not copied)."
+    return [slice(i, min(i + max(1, size), n)) for i in range(0, n, max(1, size))]
 
 @torch.no_grad()
 def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
                   metric:str|Metric='logit_diff', # task metric ('logit_diff', 'prob', 'kl', 'accuracy' or a Metric)
                   ablation:AblationKind|str|Ablation='mean', # how non-circuit nodes are removed (or the values themselves)
                   batch_size:int=64, # prompts per forward pass
+                  engine:Engine|str=Engine.AUTO, # 'sparse', 'blocks' or 'auto' (see above)
                  ) -> PatchingRuns:
     "Run the circuit-ablated model on the clean and the corrupted prompts once and cache what patched runs need."
     prompts, metric, abl, off = _prepare(model, prompts, circuit, metric, ablation)
-    L, N = model.cfg.n_layers, prompts.n_prompts
-    layers = sorted({n.layer for n in circuit.nodes} | {L})
-    out_hook = receiver_hook(Node.output(L), Channel.RESID_POST, L)
-    resid_names = {resid_hook(l): l for l in layers if l < L} | {out_hook: L}
-    mid_names = {mid_hook(model, l): l for l in layers if l < L}
+    L, N, engine = model.cfg.n_layers, prompts.n_prompts, _engine(model, engine)
+    layers = sorted({n.layer for n in circuit.nodes} | {L})  # blocks holding receivers, and the final residual stream
+    after = sorted({l + 1 for l in layers if l < L - 1} - set(layers))  # the blocks after them (patched rows are put into their input)
     snd = [Node.embed()] + sorted(circuit.nodes)
-    out_names = {node_out_hook(s) for s in snd}
-
-    def run(tokens):
-        "Final logits, residuals and sender contributions of the circuit-ablated model, chunk by chunk."
-        logits, contrib = [], {s: [] for s in snd}
-        resid, mid = {l: [] for l in resid_names.values()}, {l: [] for l in mid_names.values()}
-        for idx in _chunks(N, batch_size):
+    if engine == Engine.SPARSE:
+        consts = _consts(model, circuit.nodes, abl, prompts.n_pos)
+        every = _consts(model, all_nodes(model), None, prompts.n_pos)
+        full_run = lambda idx: _sparse_forward(model, every, prompts.clean[idx], idx)[0]
+        circuit_run = lambda toks, idx: _sparse_forward(model, consts, toks, idx, reps=2)
+    else:
+        resid_names = {resid_hook(l): l for l in range(L)} | {receiver_hook(Node.output(L), Channel.RESID_POST, L): L}
+        mid_names = {mid_hook(model, l): l for l in layers if l < L}
+        names = set(resid_names) | set(mid_names) | {node_out_hook(s) for s in snd}
+        full_run = lambda idx: final_logits(model, prompts.clean[idx])
+        def circuit_run(toks, idx):
             acts = {}
             def save(act, hook): acts[hook.name] = act
-            names = set(resid_names) | set(mid_names) | out_names
-            hooks = ablation_hooks(model, off, _sub_ablation(abl, idx)) + [(n, save) for n in names]
-            with model.hooks(fwd_hooks=hooks): logits.append(final_logits(model, tokens[idx]))
-            for n, l in resid_names.items(): resid[l].append(acts[n])
-            for n, l in mid_names.items(): mid[l].append(acts[n])
-            for s in snd:
-                a = acts[node_out_hook(s)]
-                contrib[s].append(head_contribution(model, a, s) if s.is_head else a)
-        cat = lambda d: {k: torch.cat(v) for k, v in d.items()}
-        return torch.cat(logits), cat(resid), cat(mid), cat(contrib)
+            hooks = ablation_hooks(model, off, _sub_ablation(abl, idx, 2)) + [(n, save) for n in names]
+            with model.hooks(fwd_hooks=hooks): logits = final_logits(model, toks)
+            contrib = {s: head_contribution(model, acts[node_out_hook(s)], s) if s.is_head else acts[node_out_hook(s)] for s in snd}
+            return (logits, {l: acts[n] for n, l in resid_names.items()}, {l: acts[n] for n, l in mid_names.items()}, contrib)
 
-    full_logits = final_logits(model, prompts.clean, batch_size)
-    c_logits, resid, mid, c_contrib = run(prompts.clean)
-    x_logits, _, _, x_contrib = run(prompts.corrupted)
+    diff = (prompts.clean != prompts.corrupted).any(0).nonzero()
+    start = min(int(diff[0]), prompts.n_pos - 1) if len(diff) else prompts.n_pos - 1
+    full_logits, c_logits, x_logits, resid, mid, c_contrib, x_contrib, prefix = [], [], [], {}, {}, {}, {}, {}
+    add = lambda d, k, v: d.setdefault(k, []).append(v)
+    for idx in _chunks(N, max(1, batch_size // 2)):
+        full_logits.append(full_run(idx))
+        logits, r, m, contrib = circuit_run(torch.cat([prompts.clean[idx], prompts.corrupted[idx]]), idx)
+        n = idx.stop - idx.start
+        c_logits.append(logits[:n]); x_logits.append(logits[n:])
+        for l in layers + after: add(resid, l, r[l][:n])
+        for l in layers[:-1]: add(mid, l, m[l][:n])
+        for l in range(L): add(prefix, l, attn_in(model, l, r[l][:n, :start]))
+        for s in snd: add(c_contrib, s, contrib[s][:n]); add(x_contrib, s, contrib[s][n:])
+    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}
+    full_logits, c_logits, x_logits = torch.cat(full_logits), torch.cat(c_logits), torch.cat(x_logits)
+    resid, mid, c_contrib, x_contrib, prefix = cat(resid), cat(mid), cat(c_contrib), cat(x_contrib), cat(prefix)
     full = metric.per_prompt(full_logits, prompts, full_logits)
     metric.check_full(full.float().mean().item(), prompts)
     keep_ref = getattr(metric, 'name', '') == 'kl'
     return PatchingRuns(circuit, prompts, metric, abl, off, resid, mid, {s: x_contrib[s] - c_contrib[s] for s in snd},
                         {s: c_contrib[s] for s in circuit.heads},
                         metric.per_prompt(c_logits, prompts, full_logits), metric.per_prompt(x_logits, prompts, full_logits),
-                        full, full_logits if keep_ref else None)
+                        full, full_logits if keep_ref else None, start, prefix, consts if engine == Engine.SPARSE else {})
 
 # %% ../nbs/07_path_patching.ipynb #ceed710d
-class Engine(str, Enum):
-    "How the blocks after a patched receiver are run."
-    AUTO = 'auto' # sparse where supported, else blocks
-    SPARSE = 'sparse' # compute only the circuit's nodes; ablated nodes add their constant outputs
-    BLOCKS = 'blocks' # TransformerLens blocks with ablation and patch hooks
-
-def _take(t:Tensor, idx:Tensor, reps:int) -> Tensor:
-    "A constant shared by all prompts ([pos, d_model]) as is; a per-prompt one ([batch, pos, d_model]) for `idx`, repeated."
-    return t if t.ndim == 2 else t[idx].repeat(reps, 1, 1)
-
-def _consts(model:HookedTransformer, runs:PatchingRuns) -> dict[int, dict]:
-    "Per block: the circuit's heads, the constant output of its ablated heads (+ b_O), and its ablated MLP's output (None if computed)."
-    if runs.consts: return runs.consts
-    cfg, vals = model.cfg, runs.ablation.values
-    for l in range(cfg.n_layers):
-        heads = [n.head for n in runs.circuit.heads if n.layer == l]
-        attn = attn_out_bias(model, l).detach().expand(runs.prompts.n_pos, -1).clone()  # [pos, d_model] at least
-        z = vals[node_out_hook(Node.attn(l, 0))]
-        for h in range(cfg.n_heads):
-            if h not in heads: attn = attn + head_contribution(model, z, Node.attn(l, h))
-        mlp = None if cfg.attn_only or Node.mlp(l) in runs.circuit.nodes else vals[node_out_hook(Node.mlp(l))]
-        runs.consts[l] = {'heads': heads, 'attn': attn, 'mlp': mlp}
-    return runs.consts
-
-def _sparse_rest(model:HookedTransformer, consts:dict, layer:int, resid:Tensor, idx:Tensor, reps:int,
-                 after_attn:bool=False, # `resid` is the residual after block `layer`'s attention (else: entering the block)
-                ) -> Tensor:
-    "Run blocks `layer..L-1` from `resid` computing the circuit's nodes only (ablated nodes add their constant outputs).\
-    The last block is computed at the last position only: nothing else reaches the logits."
-    mid, L = resid, model.cfg.n_layers
-    for l in range(layer, L):
-        c, last = consts[l], slice(-1, None) if l == L - 1 else slice(None)
-        if not (after_attn and l == layer):
-            attn = _take(c['attn'], idx, reps)[..., last, :]
-            if c['heads']:
-                x = attn_in(model, l, mid)
-                attn = attn + heads_out(model, l, c['heads'], x[:, last], x, x)
-            mid = mid[:, last] + attn
-        else: mid = mid[:, last]
-        if not model.cfg.attn_only:
-            mid = mid + (mlp_of(model, l, mid) if c['mlp'] is None else _take(c['mlp'], idx, reps)[..., last, :])
-    return mid
-
-# %% ../nbs/07_path_patching.ipynb #824d7ca1
 def _check_receiver(runs:PatchingRuns, receiver:Node, channel:Channel, snd:Sequence[Node]):
     Edge(Node.embed(), receiver, channel)  # raises a clear error if `channel` is not an input of `receiver`
     if receiver.kind != NodeKind.OUTPUT and receiver not in runs.circuit.nodes:
@@ -242,53 +290,65 @@ def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, cha
                   engine:Engine|str=Engine.AUTO, # 'sparse' (circuit nodes only), 'blocks' (TransformerLens blocks + hooks) or 'auto'
                  ) -> Float[Tensor, "sender"]:
     "Mean metric of the clean circuit run with each sender's path into `receiver`'s `channel` patched (one batched forward per chunk)."
-    channel, L, engine = Channel(channel), model.cfg.n_layers, Engine(engine)
+    channel, L, engine = Channel(channel), model.cfg.n_layers, _engine(model, engine)
     snd = senders_of(runs.circuit, receiver) if senders is None else list(senders)
     _check_receiver(runs, receiver, channel, snd)
-    if engine == Engine.AUTO: engine = Engine.SPARSE if split_supported(model, heads=True) else Engine.BLOCKS
-    if engine == Engine.SPARSE and not split_supported(model, heads=True):
-        raise ValueError(f"engine='sparse' does not support this architecture ({model.cfg.original_architecture or model.cfg.model_name}); "
-                         f"use engine='blocks'.")
     layer = L if receiver.kind == NodeKind.OUTPUT else receiver.layer
     N, ps = runs.prompts.n_prompts, runs.prompts
     pb = min(N, batch_size)
     ks = max(1, batch_size // pb)
     totals = torch.zeros(len(snd), dtype=torch.float64, device=ps.device)
-    consts = _consts(model, runs) if engine == Engine.SPARSE else None
+    if engine == Engine.SPARSE and not runs.consts: runs.consts.update(_consts(model, runs.circuit.nodes, runs.ablation, ps.n_pos))
+    # in the last block only the last position reaches the logits (the sparse runs keep only it there)
+    last = slice(-1, None) if layer >= L - 1 else slice(None)
+    d_pos = last if receiver.kind == NodeKind.OUTPUT or (receiver.is_mlp and layer == L - 1) else slice(None)
+    # a patched query or MLP input moves the block's output only at the positions where its delta is not zero:
+    # where the block computes its MLP (the expensive part), only those rows are recomputed
+    by_row = engine == Engine.SPARSE and layer < L - 1 and not model.cfg.attn_only and runs.consts[layer]['mlp'] is None
     with edge_hooks_enabled(model) if engine == Engine.BLOCKS else nullcontext():
         for idx in _chunks(N, pb):
-            base, sub = runs.resid[layer][idx], ps[idx.tolist()]
+            base, sub = runs.resid[layer][idx], ps[idx]
             ref = None if runs.reference is None else runs.reference[idx]
             for j in range(0, len(snd), ks):
                 chunk = snd[j:j+ks]
                 k = len(chunk)
-                d = torch.cat([runs.delta[s][idx] for s in chunk])
-                x = base.repeat(k, 1, 1)
-                if receiver.kind == NodeKind.OUTPUT: logits = logits_from(model, x[:, -1:] + d[:, -1:], L)
+                d = torch.cat([runs.delta[s][idx][:, d_pos] for s in chunk])
+                if receiver.kind == NodeKind.OUTPUT: logits = logits_from(model, base[:, -1:].repeat(k, 1, 1) + d, L)
                 elif engine == Engine.SPARSE:
-                    # in the last block only the last position reaches the logits
-                    last = slice(-1, None) if layer == L - 1 else slice(None)
-                    mid = runs.mid[layer][idx][:, last]
+                    s0 = runs.start  # positions before it are the clean run's in every patched run
+                    rows = last if layer == L - 1 else slice(s0, None)  # positions recomputed in the receiver's block
+                    rest = lambda x: _sparse_rest(model, runs.consts, layer + 1, x, idx, k, prefix=runs.prefix, start=s0)
+                    def block_out(mid, mlp_in, d):
+                        "The receiver block's output where a patched query or MLP input changes only the rows it moves:\
+                        the clean run's, with the MLP recomputed at the rows where the delta is not zero."
+                        out, moved = runs.resid[layer + 1][idx][:, s0:].repeat(k, 1, 1), d[:, s0:].abs().amax(-1) > 0
+                        out[moved] = mid[moved] + mlp_of(model, layer, mlp_in[moved])
+                        return out
+                    mid = runs.mid[layer][idx][:, rows]
                     if receiver.is_head:
+                        # only the patched input is recomputed per sender; the unpatched ones are shared (heads_out)
                         xc = attn_in(model, layer, base)
-                        xp = attn_in(model, layer, x[:, last] + d[:, last] if channel == Channel.Q else x + d)
-                        q_in = xp if channel == Channel.Q else xc[:, last].repeat(k, 1, 1)
-                        k_in, v_in = [xp if channel == c else xc.repeat(k, 1, 1) for c in (Channel.K, Channel.V)]
-                        mid = (mid - runs.clean_heads[receiver][idx][:, last]).repeat(k, 1, 1) + \
+                        if channel == Channel.Q:
+                            q_in, k_in, v_in = attn_in(model, layer, base[:, rows].repeat(k, 1, 1) + d[:, rows]), xc, xc
+                        else:
+                            xp = torch.cat([xc[:, :s0].repeat(k, 1, 1), attn_in(model, layer, base[:, s0:].repeat(k, 1, 1) + d[:, s0:])], 1)
+                            q_in, k_in, v_in = xc[:, rows], xp if channel == Channel.K else xc, xp if channel == Channel.V else xc
+                        mid = (mid - runs.clean_heads[receiver][idx][:, rows]).repeat(k, 1, 1) + \
                               heads_out(model, layer, [receiver.head], q_in, k_in, v_in)
-                        out = _sparse_rest(model, consts, layer, mid, idx, k, after_attn=True)
+                        if channel == Channel.Q and by_row: out = rest(block_out(mid, mid, d))
+                        else: out = _sparse_rest(model, runs.consts, layer, mid, idx, k, True, runs.prefix, s0)
                     else:
                         mid = mid.repeat(k, 1, 1)
-                        out = _sparse_rest(model, consts, layer + 1, mid + mlp_of(model, layer, mid + d[:, last]), idx, k)
+                        out = rest(block_out(mid, mid + d[:, rows], d) if by_row else mid + mlp_of(model, layer, mid + d[:, rows]))
                     logits = logits_from(model, out, L)
                 else:
                     def patch(act, hook, d=d):
                         if receiver.is_head: act[:, :, receiver.head] += d
-                        else: act += d
+                        else: act[:, d_pos] += d
                         return act
                     hooks = ablation_hooks(model, runs.ablated_nodes, _sub_ablation(runs.ablation, idx, k)) + [(receiver_hook(receiver, channel, L), patch)]
-                    with model.hooks(fwd_hooks=hooks): logits = logits_from(model, x, layer)
-                for i, lg in enumerate(logits.split(len(idx))):
+                    with model.hooks(fwd_hooks=hooks): logits = logits_from(model, base.repeat(k, 1, 1), layer)
+                for i, lg in enumerate(logits.split(idx.stop - idx.start)):
                     totals[j+i] += runs.metric.per_prompt(lg, sub, ref).double().sum()
     return (totals / N).float().cpu()
 
@@ -328,7 +388,7 @@ def edge_faithfulness(model:HookedTransformer, prompts:PromptSet, circuit:Circui
                       for (r, ch), m in missing.items() if m]
             with model.hooks(fwd_hooks=hooks): logits = final_logits(model, prompts.clean[idx])
             full = final_logits(model, prompts.clean[idx])
-            values.append(metric.per_prompt(logits, prompts[idx.tolist()], full)); full_vals.append(metric.per_prompt(full, prompts[idx.tolist()], full))
+            values.append(metric.per_prompt(logits, prompts[idx], full)); full_vals.append(metric.per_prompt(full, prompts[idx], full))
     full_value = torch.cat(full_vals).float().mean().item()
     metric.check_full(full_value, prompts)
     return metric.score(torch.cat(values).float().mean().item(), full_value)
@@ -346,7 +406,7 @@ def find_edges(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
               ) -> Circuit:
     "Iterative path patching: the edges of node `circuit` that carry the task, from the last receiver back; nodes without a path to the output are dropped."
     form = ScoreForm(score_form)
-    runs = patching_runs(model, prompts, circuit, metric, ablation, batch_size=max(1, min(batch_size, 256)))
+    runs = patching_runs(model, prompts, circuit, metric, ablation, batch_size=max(1, min(batch_size, 256)), engine=engine)
     L, cut = model.cfg.n_layers, threshold if form == ScoreForm.RATIO else threshold - 1
     kept, dropped, tables = [], [], []
     todo = receivers_of(circuit, L)

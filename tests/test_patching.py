@@ -208,6 +208,24 @@ def test_edge_circuit_graphs(rand3, tmp_path):
     assert all(p.exists() for p in save_figure(both, tmp_path/'both'))
 
 
+@pytest.mark.parametrize('engine', ['sparse', 'blocks'])
+def test_shared_prefix_equals_naive(rand3, engine):
+    "Prompts whose clean and corrupted versions share their first tokens (templates): the sparse engine recomputes only\
+    the positions after them (through two more blocks here), and only the moved rows of a patched query or MLP input."
+    model, prompts, circuit = rand3
+    corrupted = prompts.clean.clone()
+    corrupted[:, 3:] = prompts.corrupted[:, 3:]
+    corrupted[::2, 5] = prompts.clean[::2, 5]  # some positions after the prefix agree too
+    ps = model_labelled_prompts(model, prompts.clean, corrupted)
+    runs = patching_runs(model, ps, circuit, engine=engine)
+    assert runs.start == 3 and set(runs.resid) == {0, 1, 2, 3}
+    edges = all_candidate_edges(circuit, 3)
+    fast = _fast_values(model, runs, circuit, engine)
+    naive, clean, _ = naive_edge_values(model, ps, circuit, edges)
+    assert max(abs(a - b) for a, b in zip(fast, naive)) < 1e-5 * max(1.0, abs(clean))
+    assert max(abs(a - clean) for a in naive) > 1e-3  # some patch changes something
+
+
 @pytest.mark.parametrize('variant', ['rotary_rms', 'attn_only', 'local_softcap'])
 def test_sparse_engine_architectures(variant):
     "The sparse engine reproduces TransformerLens on other architectures (or the model falls back to the blocks engine)."
@@ -218,10 +236,13 @@ def test_sparse_engine_architectures(variant):
     if variant == 'local_softcap': kw.update(attn_types=['local', 'global'], window_size=3, attn_scores_soft_cap=5.0)
     model = HookedTransformer(HookedTransformerConfig(**kw)).eval()
     g = torch.Generator().manual_seed(1)
-    prompts = model_labelled_prompts(model, torch.randint(0, 30, (6, 8), generator=g), torch.randint(0, 30, (6, 8), generator=g))
+    clean, corrupted = torch.randint(0, 30, (6, 8), generator=g), torch.randint(0, 30, (6, 8), generator=g)
+    corrupted[:, :3] = clean[:, :3]  # a shared prefix, as in templated prompts: the sparse engine skips it
+    prompts = model_labelled_prompts(model, clean, corrupted)
     names = '0.0 0.2 1.1 1.3' + (' 1.0 1.2' if variant == 'attn_only' else ' MLP0 MLP1')  # attn_only: a full layer of heads
     circuit = Circuit.from_names(names, config_hash=config_fingerprint(model.cfg))
     runs = patching_runs(model, prompts, circuit)
+    assert runs.start == 3
     fast = [v for r, ch in receivers_of(circuit, 2) for v in score_senders(model, runs, r, ch, engine='sparse').tolist()]
     naive, clean, _ = naive_edge_values(model, prompts, circuit, all_candidate_edges(circuit, 2))
     assert max(abs(a - b) for a, b in zip(fast, naive)) < 1e-4 * max(1.0, abs(clean))
