@@ -19,16 +19,19 @@ from nbdev.process import extract_directives
 def save_outputs(fn: Path, flags: set[str]) -> None:
     "Run notebook `fn` skipping what `nbdev_test` skips; write its outputs into the file. Raises on a failing cell."
     nb = read_nb(fn)
+    for cell in nb.cells:  # execnb keeps a cell's old outputs when it prints nothing now
+        if cell.cell_type == 'code': cell.outputs, cell.execution_count = [], None
     def skip(cell):
         if cell.cell_type != 'code': return True
         d = extract_directives(cell, remove=False)  # the `#|` lines, left in the source
-        if d.get('eval:', [''])[0].lower() == 'false' or flags & d.keys():
-            cell.outputs, cell.execution_count = [], None
-            return True
+        return d.get('eval:', [''])[0].lower() == 'false' or bool(flags & d.keys())
     shell = CaptureShell(fn)
     # we pin TransformerLens 3.x on purpose (see constraints.txt): its notice about 4.0 is noise on every docs page
     shell.run("import warnings; warnings.filterwarnings('ignore', message='HookedTransformer is deprecated')")
     with working_directory(fn.parent): shell.run_all(nb, exc_stop=True, preproc=skip)
+    for cell in nb.cells:  # progress bars (stderr text redrawn with carriage returns) are no output worth keeping
+        if cell.cell_type == 'code':
+            cell.outputs = [o for o in cell.outputs if not (o.get('name') == 'stderr' and '\r' in ''.join(o.get('text', '')))]
     write_nb(nb, fn)
 
 

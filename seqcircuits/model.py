@@ -13,7 +13,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils as tl_utils
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.utilities import get_act_name as tl_get_act_name
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.utilities import apply_softcap as tl_apply_softcap
 from transformer_lens.utilities.attention import simple_attn_linear as tl_attn_linear
@@ -34,7 +35,7 @@ __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook
 # %% ../nbs/02_model.ipynb #0a29c949
 def act_name(name:str, layer:int|None=None) -> str:
     "The hook name of activation `name` (TransformerLens short names: 'z', 'mlp_out', 'resid_pre', 'q_input', ...) at `layer`."
-    return tl_utils.get_act_name(name, layer)
+    return tl_get_act_name(name, layer)
 
 def node_out_hook(node:Node) -> str:
     "Hook where `node` writes its output: a head's `z` (per head, before W_O), an MLP's output, or the embeddings."
