@@ -26,7 +26,7 @@ from .core import Node, NodeKind, Channel, PromptSet
 
 # %% auto #0
 __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook', 'all_nodes', 'check_nodes',
-           'config_fingerprint', 'check_prompts', 'resid_at', 'logits_from', 'norm', 'unembed', 'final_logits',
+           'config_fingerprint', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm', 'unembed', 'final_logits',
            'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of', 'attn_half', 'mlp_half',
            'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'attn_out_bias', 'heads_out', 'positional_weights',
            'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
@@ -104,7 +104,7 @@ def logits_from(model:HookedTransformer, resid:Float[Tensor, "batch pos d_model"
     for block in model.blocks[layer:]: resid = block(resid)
     return unembed(model, resid if all_pos else resid[:, -1])
 
-def norm(module:torch.nn.Module, x:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+def apply_norm(module:torch.nn.Module, x:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     "Apply one of the model's norms: TransformerLens's LayerNorm (and LayerNormPre) as one fused op when no hook is attached to it, other norms as themselves."
     fused = isinstance(module, (tl_LayerNorm, tl_LayerNormPre)) and x.dtype in (torch.float32, torch.float64)
     if not fused or module.hook_scale._forward_hooks or module.hook_normalized._forward_hooks: return module(x)
@@ -113,7 +113,7 @@ def norm(module:torch.nn.Module, x:Float[Tensor, "... d_model"]) -> Float[Tensor
 
 def unembed(model:HookedTransformer, resid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
     "Logits from the final residual stream: final norm (if the model has one), W_U, and the logit soft cap (if any)."
-    if model.cfg.normalization_type is not None: resid = norm(model.ln_final, resid)
+    if model.cfg.normalization_type is not None: resid = apply_norm(model.ln_final, resid)
     return tl_apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
 
 def final_logits(model:HookedTransformer, # a HookedTransformer, or any module mapping tokens [batch pos] to logits [batch pos d_vocab]
@@ -159,18 +159,18 @@ def split_supported(model:HookedTransformer|HookedTransformerConfig, # a model o
 
 def attn_in(model:HookedTransformer, layer:int, resid:Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
     "The normalised input of block `layer`'s attention (its first norm applied to `resid`; no hooks)."
-    return norm(model.blocks[layer].ln1, resid)
+    return apply_norm(model.blocks[layer].ln1, resid)
 
 def mlp_of(model:HookedTransformer, layer:int, resid_mid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
     "The output of block `layer`'s MLP (its norm, then the MLP) on the residual stream `resid_mid` (no hooks)."
     block = model.blocks[layer]
-    return block.mlp(norm(block.ln2, resid_mid))
+    return block.mlp(apply_norm(block.ln2, resid_mid))
 
 def attn_half(model:HookedTransformer, layer:int, resid_pre:Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
     "The residual stream after the attention of block `layer` (resid_mid); hooks attached to `model` apply."
     block = model.blocks[layer]
     resid_pre = block.hook_resid_pre(resid_pre)
-    x = block.ln1(resid_pre)  # the module itself (not `norm`): bit for bit TransformerLens's block
+    x = block.ln1(resid_pre)  # the module itself (not `apply_norm`): bit for bit TransformerLens's block
     attn_out = block.hook_attn_out(block.attn(query_input=x, key_input=x, value_input=x))
     return resid_pre + attn_out if model.cfg.attn_only else block.hook_resid_mid(resid_pre + attn_out)
 
