@@ -226,13 +226,14 @@ def test_shared_prefix_equals_naive(rand3, engine):
     assert max(abs(a - clean) for a in naive) > 1e-3  # some patch changes something
 
 
-@pytest.mark.parametrize('variant', ['rotary_rms', 'attn_only', 'local_softcap'])
+@pytest.mark.parametrize('variant', ['rotary_rms', 'attn_only', 'local_softcap', 'ln_pre'])
 def test_sparse_engine_architectures(variant):
     "The sparse engine reproduces TransformerLens on other architectures (or the model falls back to the blocks engine)."
     kw = dict(n_layers=2, d_model=24, n_ctx=12, d_head=6, n_heads=4, d_mlp=48, d_vocab=30, act_fn='gelu',
               normalization_type='LN', seed=3)
     if variant == 'rotary_rms': kw.update(positional_embedding_type='rotary', rotary_dim=4, normalization_type='RMS', act_fn='silu', gated_mlp=True)
     if variant == 'attn_only': kw.update(attn_only=True, d_mlp=None)
+    if variant == 'ln_pre': kw.update(normalization_type='LNPre')  # GPT-2 from the hub: LayerNorm weights folded in
     if variant == 'local_softcap': kw.update(attn_types=['local', 'global'], window_size=3, attn_scores_soft_cap=5.0)
     model = HookedTransformer(HookedTransformerConfig(**kw)).eval()
     g = torch.Generator().manual_seed(1)
