@@ -283,6 +283,37 @@ def _check_receiver(runs:PatchingRuns, receiver:Node, channel:Channel, snd:Seque
                              f"computed. Senders of a head sit in earlier blocks; an MLP also reads its own block's heads.")
         if s not in runs.delta: raise ValueError(f"{s} is not a node of the circuit the runs were made for ({runs.circuit.names}).")
 
+def _patched_sparse(model:HookedTransformer, runs:PatchingRuns, receiver:Node, channel:Channel, idx:slice,
+                    d:Float[Tensor, "batch pos d_model"], # one delta per sender copy of the prompts `idx`, stacked along the batch
+                    k:int, # number of sender copies
+                   ) -> Float[Tensor, "batch 1 d_model"]:
+    "The sparse engine: the final residual stream (last position) of the clean circuit run with `d` added to `receiver`'s `channel`."
+    L, layer, s0 = model.cfg.n_layers, receiver.layer, runs.start  # before `s0` every patched run is the clean run
+    rows = slice(-1, None) if layer == L - 1 else slice(s0, None)  # positions the receiver's block recomputes
+    # a patched query or MLP input moves the block's output only at the positions where its delta is not zero; where
+    # the block computes its MLP (the expensive part) only those rows are recomputed, the others keep the clean values
+    by_row = (receiver.is_mlp or channel == Channel.Q) and layer < L - 1 and not model.cfg.attn_only \
+             and runs.consts[layer]['mlp'] is None
+    def block_out(mid, mlp_in):
+        out, moved = runs.resid[layer + 1][idx][:, s0:].repeat(k, 1, 1), d[:, s0:].abs().amax(-1) > 0
+        out[moved] = mid[moved] + mlp_of(model, layer, mlp_in[moved])
+        return out
+    rest = lambda x: _sparse_rest(model, runs.consts, layer + 1, x, idx, k, prefix=runs.prefix, start=s0)
+    mid = runs.mid[layer][idx][:, rows]
+    if receiver.is_mlp:
+        mid = mid.repeat(k, 1, 1)
+        return rest(block_out(mid, mid + d[:, rows]) if by_row else mid + mlp_of(model, layer, mid + d[:, rows]))
+    # a head: only its patched input is recomputed per sender; the unpatched ones are projected once (heads_out)
+    base = runs.resid[layer][idx]
+    xc = attn_in(model, layer, base)
+    if channel == Channel.Q: q_in, k_in, v_in = attn_in(model, layer, base[:, rows].repeat(k, 1, 1) + d[:, rows]), xc, xc
+    else:
+        xp = torch.cat([xc[:, :s0].repeat(k, 1, 1), attn_in(model, layer, base[:, s0:].repeat(k, 1, 1) + d[:, s0:])], 1)
+        q_in, k_in, v_in = xc[:, rows], xp if channel == Channel.K else xc, xp if channel == Channel.V else xc
+    mid = (mid - runs.clean_heads[receiver][idx][:, rows]).repeat(k, 1, 1) + heads_out(model, layer, [receiver.head], q_in, k_in, v_in)
+    if by_row: return rest(block_out(mid, mid))
+    return _sparse_rest(model, runs.consts, layer, mid, idx, k, True, runs.prefix, s0)
+
 @torch.no_grad()
 def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, channel:Channel|str,
                   senders:Sequence[Node]|None=None, # senders to score (default: every sender of the receiver in the circuit)
@@ -300,11 +331,7 @@ def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, cha
     totals = torch.zeros(len(snd), dtype=torch.float64, device=ps.device)
     if engine == Engine.SPARSE and not runs.consts: runs.consts.update(_consts(model, runs.circuit.nodes, runs.ablation, ps.n_pos))
     # in the last block only the last position reaches the logits (the sparse runs keep only it there)
-    last = slice(-1, None) if layer >= L - 1 else slice(None)
-    d_pos = last if receiver.kind == NodeKind.OUTPUT or (receiver.is_mlp and layer == L - 1) else slice(None)
-    # a patched query or MLP input moves the block's output only at the positions where its delta is not zero:
-    # where the block computes its MLP (the expensive part), only those rows are recomputed
-    by_row = engine == Engine.SPARSE and layer < L - 1 and not model.cfg.attn_only and runs.consts[layer]['mlp'] is None
+    d_pos = slice(-1, None) if receiver.kind == NodeKind.OUTPUT or (receiver.is_mlp and layer == L - 1) else slice(None)
     with edge_hooks_enabled(model) if engine == Engine.BLOCKS else nullcontext():
         for idx in _chunks(N, pb):
             base, sub = runs.resid[layer][idx], ps[idx]
@@ -314,33 +341,7 @@ def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, cha
                 k = len(chunk)
                 d = torch.cat([runs.delta[s][idx][:, d_pos] for s in chunk])
                 if receiver.kind == NodeKind.OUTPUT: logits = logits_from(model, base[:, -1:].repeat(k, 1, 1) + d, L)
-                elif engine == Engine.SPARSE:
-                    s0 = runs.start  # positions before it are the clean run's in every patched run
-                    rows = last if layer == L - 1 else slice(s0, None)  # positions recomputed in the receiver's block
-                    rest = lambda x: _sparse_rest(model, runs.consts, layer + 1, x, idx, k, prefix=runs.prefix, start=s0)
-                    def block_out(mid, mlp_in, d):
-                        "The receiver block's output where a patched query or MLP input changes only the rows it moves:\
-                        the clean run's, with the MLP recomputed at the rows where the delta is not zero."
-                        out, moved = runs.resid[layer + 1][idx][:, s0:].repeat(k, 1, 1), d[:, s0:].abs().amax(-1) > 0
-                        out[moved] = mid[moved] + mlp_of(model, layer, mlp_in[moved])
-                        return out
-                    mid = runs.mid[layer][idx][:, rows]
-                    if receiver.is_head:
-                        # only the patched input is recomputed per sender; the unpatched ones are shared (heads_out)
-                        xc = attn_in(model, layer, base)
-                        if channel == Channel.Q:
-                            q_in, k_in, v_in = attn_in(model, layer, base[:, rows].repeat(k, 1, 1) + d[:, rows]), xc, xc
-                        else:
-                            xp = torch.cat([xc[:, :s0].repeat(k, 1, 1), attn_in(model, layer, base[:, s0:].repeat(k, 1, 1) + d[:, s0:])], 1)
-                            q_in, k_in, v_in = xc[:, rows], xp if channel == Channel.K else xc, xp if channel == Channel.V else xc
-                        mid = (mid - runs.clean_heads[receiver][idx][:, rows]).repeat(k, 1, 1) + \
-                              heads_out(model, layer, [receiver.head], q_in, k_in, v_in)
-                        if channel == Channel.Q and by_row: out = rest(block_out(mid, mid, d))
-                        else: out = _sparse_rest(model, runs.consts, layer, mid, idx, k, True, runs.prefix, s0)
-                    else:
-                        mid = mid.repeat(k, 1, 1)
-                        out = rest(block_out(mid, mid + d[:, rows], d) if by_row else mid + mlp_of(model, layer, mid + d[:, rows]))
-                    logits = logits_from(model, out, L)
+                elif engine == Engine.SPARSE: logits = logits_from(model, _patched_sparse(model, runs, receiver, channel, idx, d, k), L)
                 else:
                     def patch(act, hook, d=d):
                         if receiver.is_head: act[:, :, receiver.head] += d
