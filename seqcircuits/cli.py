@@ -66,7 +66,7 @@ def main(argv:list[str]|None=None) -> int:
     a = _parser().parse_args(argv)
     try:
         return {'run': _run, 'train-organism': _train}[a.command](a)
-    except (ValueError, ModelUnavailableError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError) as e:
+    except (ValueError, ModelUnavailableError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError, MemoryError) as e:
         print(f"seqcircuits: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

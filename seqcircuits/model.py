@@ -26,10 +26,10 @@ from .core import Node, NodeKind, Channel, PromptSet
 
 # %% auto #0
 __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook', 'all_nodes', 'check_nodes',
-           'config_fingerprint', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm', 'unembed', 'final_logits',
-           'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of', 'attn_half', 'mlp_half',
-           'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'attn_out_bias', 'heads_out', 'positional_weights',
-           'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
+           'config_fingerprint', 'available_memory', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm',
+           'unembed', 'final_logits', 'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of',
+           'attn_half', 'mlp_half', 'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'attn_out_bias', 'heads_out',
+           'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
            'ModelUnavailableError', 'pretrained_names', 'load_model']
 
 # %% ../nbs/02_model.ipynb #0a29c949
@@ -82,6 +82,20 @@ def config_fingerprint(cfg:HookedTransformerConfig) -> str:
             'positional_embedding_type', 'attn_only', 'model_name')
     blob = json.dumps({k: str(getattr(cfg, k, None)) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+# %% ../nbs/02_model.ipynb #7367831b
+def available_memory(device:str|torch.device) -> int|None:
+    "Bytes free for new tensors on `device` now: CUDA's free memory plus what PyTorch holds unused; on CPU the system's available memory (Linux); None where unknown."
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    if dev.type == 'cpu':
+        try: meminfo = Path('/proc/meminfo').read_text()
+        except OSError: return None
+        for line in meminfo.splitlines():
+            if line.startswith('MemAvailable:'): return int(line.split()[1]) * 1024
+    return None
 
 # %% ../nbs/02_model.ipynb #481fd49b
 def check_prompts(model:HookedTransformer, prompts:PromptSet) -> PromptSet:

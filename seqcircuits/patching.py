@@ -19,13 +19,14 @@ from transformer_lens import HookedTransformer
 from .core import Node, NodeKind, Channel, Edge, Circuit, PromptSet
 from .model import (node_out_hook, receiver_hook, resid_hook, mid_hook, check_nodes, check_prompts,
                                config_fingerprint, logits_from, final_logits, edge_hooks_enabled, head_contribution,
-                               attn_out_bias, attn_in, mlp_of, heads_out, split_supported, all_nodes, resid_at, unembed)
+                               attn_out_bias, attn_in, mlp_of, heads_out, split_supported, all_nodes, resid_at, unembed,
+                               available_memory)
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, compute_ablation, get_ablation, ablation_hooks, complement
 
 # %% auto #0
 __all__ = ['check_circuit', 'is_causal', 'receivers_of', 'senders_of', 'ScoreForm', 'PatchingRuns', 'Engine', 'patching_runs',
-           'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table']
+           'patching_cache_bytes', 'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table']
 
 # %% ../nbs/07_path_patching.ipynb #ece52232
 def check_circuit(model:HookedTransformer, circuit:Circuit) -> Circuit:
@@ -248,29 +249,56 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
             contrib = {s: head_contribution(model, acts[node_out_hook(s)], s) if s.is_head else acts[node_out_hook(s)] for s in snd}
             return (logits, {l: acts[n] for n, l in resid_names.items()}, {l: acts[n] for n, l in mid_names.items()}, contrib)
 
-    diff = (prompts.clean != prompts.corrupted).any(0).nonzero()
-    start = min(int(diff[0]), prompts.n_pos - 1) if len(diff) else prompts.n_pos - 1
-    full_logits, c_logits, x_logits, resid, mid, c_contrib, x_contrib, prefix = [], [], [], {}, {}, {}, {}, {}
-    add = lambda d, k, v: d.setdefault(k, []).append(v)
+    start = _start(prompts)
+    need, free = patching_cache_bytes(model, prompts, circuit, metric, engine), available_memory(model.cfg.device)
+    if free is not None and need > 0.9 * free:
+        fit = int(N * 0.9 * free / need)
+        raise MemoryError(f"Path patching would cache {need / 2**30:.1f} GiB for {N} prompts of {prompts.n_pos} tokens "
+                          f"(per-sender deltas, residual streams), but {free / 2**30:.1f} GiB is free on {model.cfg.device}. "
+                          f"Use at most about {fit} prompts (prompts[:{fit}]), or a device with more memory.")
+    resid, mid, prefix, delta, clean_heads, ref, per = {}, {}, {}, {}, {}, {}, {'full': [], 'clean': [], 'corrupted': []}
+    def put(store, key, idx, t):
+        "Write one chunk into its place in a tensor for all prompts (so the peak is the cache plus one chunk)."
+        if key not in store: store[key] = t.new_empty((N, *t.shape[1:]))
+        store[key][idx] = t
+    keep_ref = getattr(metric, 'name', '') == 'kl'  # the one metric that needs the full model's logits later
     for idx in _chunks(N, max(1, batch_size // 2)):
-        full_logits.append(full_run(idx))
+        n, sub = idx.stop - idx.start, prompts[idx]
+        full_logits = full_run(idx)
         logits, r, m, contrib = circuit_run(torch.cat([prompts.clean[idx], prompts.corrupted[idx]]), idx)
-        n = idx.stop - idx.start
-        c_logits.append(logits[:n]); x_logits.append(logits[n:])
-        for l in layers + after: add(resid, l, r[l][:n])
-        for l in layers[:-1]: add(mid, l, m[l][:n])
-        for l in range(L): add(prefix, l, attn_in(model, l, r[l][:n, :start]))
-        for s in snd: add(c_contrib, s, contrib[s][:n]); add(x_contrib, s, contrib[s][n:])
-    cat = lambda d: {k: torch.cat(v) for k, v in d.items()}
-    full_logits, c_logits, x_logits = torch.cat(full_logits), torch.cat(c_logits), torch.cat(x_logits)
-    resid, mid, c_contrib, x_contrib, prefix = cat(resid), cat(mid), cat(c_contrib), cat(x_contrib), cat(prefix)
-    full = metric.per_prompt(full_logits, prompts, full_logits)
+        for k, lg in (('full', full_logits), ('clean', logits[:n]), ('corrupted', logits[n:])):
+            per[k].append(metric.per_prompt(lg, sub, full_logits))
+        if keep_ref: put(ref, 'full', idx, full_logits)
+        for l in layers + after: put(resid, l, idx, r[l][:n])
+        for l in layers[:-1]: put(mid, l, idx, m[l][:n])
+        for l in range(L): put(prefix, l, idx, attn_in(model, l, r[l][:n, :start]))
+        for s in snd: put(delta, s, idx, contrib[s][n:] - contrib[s][:n])
+        for h in circuit.heads: put(clean_heads, h, idx, contrib[h][:n])
+    full, clean, corrupted = (torch.cat(per[k]) for k in ('full', 'clean', 'corrupted'))
     metric.check_full(full.float().mean().item(), prompts)
-    keep_ref = getattr(metric, 'name', '') == 'kl'
-    return PatchingRuns(circuit, prompts, metric, abl, off, resid, mid, {s: x_contrib[s] - c_contrib[s] for s in snd},
-                        {s: c_contrib[s] for s in circuit.heads},
-                        metric.per_prompt(c_logits, prompts, full_logits), metric.per_prompt(x_logits, prompts, full_logits),
-                        full, full_logits if keep_ref else None, start, prefix, consts if engine == Engine.SPARSE else {})
+    return PatchingRuns(circuit, prompts, metric, abl, off, resid, mid, delta, clean_heads, clean, corrupted, full,
+                        ref.get('full'), start, prefix, consts if engine == Engine.SPARSE else {})
+
+def _start(prompts:PromptSet) -> int:
+    "The first position where some clean prompt and its corrupted version differ (at most the last position)."
+    diff = (prompts.clean != prompts.corrupted).any(0).nonzero()
+    return min(int(diff[0]), prompts.n_pos - 1) if len(diff) else prompts.n_pos - 1
+
+def patching_cache_bytes(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
+                         metric:str|Metric='logit_diff', # the task metric ('kl' also keeps the full model's logits)
+                         engine:Engine|str=Engine.AUTO, # the engine the runs are made with
+                        ) -> int:
+    "Bytes the cached runs (`patching_runs`) of `circuit` on `prompts` hold: choose how many prompts fit before running."
+    cfg, L, engine = model.cfg, model.cfg.n_layers, _engine(model, engine)
+    # the sparse runs keep only the last position of what the last block computes (its mid residual and MLP output)
+    pos = lambda last_block: 1 if engine == Engine.SPARSE and last_block else prompts.n_pos
+    layers = sorted({n.layer for n in circuit.nodes} | {L})
+    after = sorted({l + 1 for l in layers if l < L - 1} - set(layers))
+    rows = sum(pos(l == L) for l in layers + after) + sum(pos(l == L - 1) for l in layers[:-1]) + L * _start(prompts)
+    rows += prompts.n_pos + sum(pos(n.layer == L - 1) if n.is_mlp else prompts.n_pos for n in circuit.nodes)  # deltas
+    rows += prompts.n_pos * len(circuit.heads)  # clean head outputs
+    per_prompt = rows * cfg.d_model + (cfg.d_vocab_out if getattr(get_metric(metric), 'name', '') == 'kl' else 0)
+    return prompts.n_prompts * per_prompt * torch.empty((), dtype=cfg.dtype).element_size()
 
 # %% ../nbs/07_path_patching.ipynb #ceed710d
 def _check_receiver(runs:PatchingRuns, receiver:Node, channel:Channel, snd:Sequence[Node]):
