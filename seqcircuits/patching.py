@@ -249,13 +249,14 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
             contrib = {s: head_contribution(model, acts[node_out_hook(s)], s) if s.is_head else acts[node_out_hook(s)] for s in snd}
             return (logits, {l: acts[n] for n, l in resid_names.items()}, {l: acts[n] for n, l in mid_names.items()}, contrib)
 
-    start = _start(prompts)
-    need, free = patching_cache_bytes(model, prompts, circuit, metric, engine), available_memory(model.cfg.device)
-    if free is not None and need > 0.9 * free:
-        fit = int(N * 0.9 * free / need)
+    start, fit = _start(prompts), _fitting(model, prompts, circuit, metric, engine)
+    if fit < N:
+        need, free = patching_cache_bytes(model, prompts, circuit, metric, engine), available_memory(model.cfg.device)
         raise MemoryError(f"Path patching would cache {need / 2**30:.1f} GiB for {N} prompts of {prompts.n_pos} tokens "
                           f"(per-sender deltas, residual streams), but {free / 2**30:.1f} GiB is free on {model.cfg.device}. "
-                          f"Use at most about {fit} prompts (prompts[:{fit}]), or a device with more memory.")
+                          + (f"Use at most about {fit} prompts at once (prompts[:{fit}]; find_edges splits its prompts "
+                             f"itself), or a device with more memory." if fit else
+                             "Not even one prompt fits: free memory on the device, or use one with more."))
     resid, mid, prefix, delta, clean_heads, ref, per = {}, {}, {}, {}, {}, {}, {'full': [], 'clean': [], 'corrupted': []}
     def put(store, key, idx, t):
         "Write one chunk into its place in a tensor for all prompts (so the peak is the cache plus one chunk)."
@@ -283,6 +284,13 @@ def _start(prompts:PromptSet) -> int:
     "The first position where some clean prompt and its corrupted version differ (at most the last position)."
     diff = (prompts.clean != prompts.corrupted).any(0).nonzero()
     return min(int(diff[0]), prompts.n_pos - 1) if len(diff) else prompts.n_pos - 1
+
+def _fitting(model:HookedTransformer, prompts:PromptSet, circuit:Circuit, metric, engine) -> int:
+    "How many of `prompts` the cached runs can hold in the memory free now, keeping a tenth spare (all where unknown)."
+    free = available_memory(model.cfg.device)
+    if free is None: return prompts.n_prompts
+    need = patching_cache_bytes(model, prompts, circuit, metric, engine)
+    return min(prompts.n_prompts, int(prompts.n_prompts * 0.9 * free / max(need, 1)))
 
 def patching_cache_bytes(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
                          metric:str|Metric='logit_diff', # the task metric ('kl' also keeps the full model's logits)
@@ -432,28 +440,44 @@ def find_edges(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
                engine:Engine|str=Engine.AUTO, # 'sparse', 'blocks' or 'auto' (see `score_senders`)
                faithfulness:bool=True, # also run the edge circuit and store its score in `Circuit.score`
                progress:bool=True, # show a progress bar over receivers
+               prompts_per_run:int|None=None, # prompts whose runs are cached at once (None: as many as fit in free memory)
               ) -> Circuit:
     "Iterative path patching: the edges of node `circuit` that carry the task, from the last receiver back; nodes without a path to the output are dropped."
-    form = ScoreForm(score_form)
-    runs = patching_runs(model, prompts, circuit, metric, ablation, batch_size=max(1, min(batch_size, 256)), engine=engine)
-    L, cut = model.cfg.n_layers, threshold if form == ScoreForm.RATIO else threshold - 1
+    form, L, N = ScoreForm(score_form), model.cfg.n_layers, prompts.n_prompts
+    cut, todo, bs = threshold if form == ScoreForm.RATIO else threshold - 1, receivers_of(circuit, L), max(1, min(batch_size, 256))
+    prompts, metric, abl, _ = _prepare(model, prompts, circuit, metric, ablation)  # one ablation for all the parts
+    n = prompts_per_run or max(1, _fitting(model, prompts, circuit, metric, engine))
+    if n >= N:  # the usual case: one cache, and receivers of dropped nodes are never scored
+        runs = patching_runs(model, prompts, circuit, metric, abl, batch_size=bs, engine=engine)
+        values = lambda r, ch, snd: score_senders(model, runs, r, ch, snd, batch_size, engine)
+    else:  # the caches of all prompts would not fit: score every receiver part by part (an edge's score does not
+           # depend on the others, so the iteration below gives the same result), then sum
+        parts, sums, per = _chunks(N, n), {}, []
+        for idx in tqdm(parts, desc=f'prompt parts of {n}', disable=not progress):
+            part = patching_runs(model, prompts[idx], circuit, metric, _sub_ablation(abl, idx), batch_size=bs, engine=engine)
+            for r, ch in todo:
+                v = score_senders(model, part, r, ch, batch_size=batch_size, engine=engine).double() * (idx.stop - idx.start)
+                sums[r, ch] = sums.get((r, ch), 0) + v
+            per.append((part.clean, part.corrupted, part.full))
+            del part  # free this part's cache before the next is made
+        runs = PatchingRuns(circuit, prompts, metric, abl, (), {}, {}, {}, {}, *[torch.cat(t) for t in zip(*per)], None)
+        values = lambda r, ch, snd: (sums[r, ch] / N).float()
     kept, dropped, tables = [], [], []
-    todo = receivers_of(circuit, L)
     for r, ch in tqdm(todo, desc='receivers', disable=not progress):
         if r.kind != NodeKind.OUTPUT:
             if r in dropped: continue
             if not any(e.sender == r for e in kept): dropped.append(r); continue
         snd = senders_of(circuit, r)
-        scores = runs.to_scores(score_senders(model, runs, r, ch, snd, batch_size, engine), form)
+        scores = runs.to_scores(values(r, ch, snd), form)
         new = [Edge(s, r, ch, sc) for s, sc in zip(snd, scores) if sc < cut]
         kept += new
         tables.append({'receiver': r.name, 'channel': ch.value, 'scores': {s.name: sc for s, sc in zip(snd, scores)},
                        'kept': [e.sender.name for e in new]})
     nodes = circuit.nodes - set(dropped)
     meta = {'receivers': tables, 'dropped': [n.name for n in sorted(dropped)], 'metric': runs.metric.name,
-            'score_form': form.value, 'ablation': runs.ablation.kind.value, 'n_prompts': prompts.n_prompts,
+            'score_form': form.value, 'ablation': runs.ablation.kind.value, 'n_prompts': N,
             'clean_circuit': runs.clean_value, 'corrupted_circuit': runs.corrupted_value, 'full': runs.full_value,
-            'node_score': runs.node_score, 'node_circuit': circuit.names}
+            'node_score': runs.node_score, 'node_circuit': circuit.names, 'prompts_per_run': min(n, N)}
     out = Circuit(nodes, tuple(kept), None, circuit.model, circuit.config_hash or config_fingerprint(model.cfg),
                   circuit.task or prompts.task, 'path_patching', threshold, meta)
     if faithfulness: out = out.with_nodes(out.nodes, score=edge_faithfulness(model, prompts, out, metric, runs.ablation))

@@ -124,11 +124,8 @@ def _stage_edges(study:Study, task:str, folder:Path) -> dict:
     st, model = study.settings, study.model
     nodes = study.circuit(task)
     # find_edges scores the edge circuit (only its edges intact) with the same metric and ablation: Circuit.score
-    try: c = find_edges(model, study.prompts(task), nodes, threshold=st.threshold, metric=st.metric,
-                        ablation=study.ablation(task), progress=study.progress)
-    except MemoryError as e:
-        raise MemoryError(f"{e} In a study: start again with a smaller --n-prompts (another --out folder, or --overwrite); "
-                          f"the stages finished so far are kept in {study.out}.") from e
+    c = find_edges(model, study.prompts(task), nodes, threshold=st.threshold, metric=st.metric,
+                   ablation=study.ablation(task), progress=study.progress)
     c.to_json(folder/'circuit.json')
     _fig(plot_circuit(c, model.cfg.n_layers), folder, 'graph')
     return {'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': c.score}

@@ -226,6 +226,20 @@ def test_shared_prefix_equals_naive(rand3, engine):
     assert max(abs(a - clean) for a in naive) > 1e-3  # some patch changes something
 
 
+@pytest.mark.parametrize('which', ['organism', 'rand3'])
+def test_prompt_parts_equal_one_run(which, request):
+    "find_edges over prompt parts (when the caches of all prompts do not fit) finds the same edges with the same scores."
+    model, prompts, circuit = request.getfixturevalue(which)
+    abl = compute_ablation(model, prompts, 'resample' if which == 'rand3' else 'mean')
+    kw = dict(threshold=0.97 if which == 'rand3' else 0.9, ablation=abl, progress=False)
+    one, parts = find_edges(model, prompts, circuit, **kw), find_edges(model, prompts, circuit, prompts_per_run=3, **kw)
+    assert parts.meta['prompts_per_run'] == 3 and one.meta['prompts_per_run'] == prompts.n_prompts
+    assert one.edges and parts.edges == one.edges and parts.nodes == one.nodes
+    assert abs(parts.score - one.score) < 1e-6
+    for a, b in zip(parts.meta['receivers'], one.meta['receivers']):
+        assert a['receiver'] == b['receiver'] and max(abs(a['scores'][s] - b['scores'][s]) for s in a['scores']) < 1e-4
+
+
 @pytest.mark.parametrize('variant', ['rotary_rms', 'attn_only', 'local_softcap', 'ln_pre'])
 def test_sparse_engine_architectures(variant):
     "The sparse engine reproduces TransformerLens on other architectures (or the model falls back to the blocks engine)."
