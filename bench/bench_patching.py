@@ -11,7 +11,8 @@ ratio, steadier on a shared machine), and the largest difference of the edge sco
 On the GPT-2-size model the naive loop takes minutes per receiver, so both sides run the same subsample of receivers
 (every n-th, all of their senders); the fast side still pays for its whole one-off cache.
 
-On the organism each side is timed `--repeats` times (default 3) and the best time kept; the GPT-2-size case runs once.
+On the organism each side is timed `--repeats` times (default 3) and the best time kept; the GPT-2-size cases (random
+tokens, and templated prompts when GPT-2's tokenizer files are found) run once.
 Run: `python bench/bench_patching.py --threads 1` (`--quick` for a smoke run, `--every N`, `--repeats N`).
 """
 import argparse, sys, time
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'tests'))
 from test_patching import naive_edge_values  # the plain reference lives with the tests
 from seqcircuits.core import Circuit
 from seqcircuits.model import config_fingerprint, organism_dir, load_model, gpt2_small_config, random_model
-from seqcircuits.data import model_labelled_prompts
+from seqcircuits.data import model_labelled_prompts, make_prompts, gpt2_tokenizer, find_gpt2_tokenizer
 from seqcircuits.patching import patching_runs, score_senders, receivers_of, senders_of
 from seqcircuits.ablation import compute_ablation
 
@@ -65,13 +66,18 @@ def bench(name, model, prompts, circuit, every=1, batch_size=512, repeats=1):
     return out
 
 
-def gpt2_size(quick=False):
+def gpt2_size(quick=False, templated=False):
+    "A random model of GPT-2 small's size on random 20-token prompts, or (`templated`) on the numerals 'done' template\
+    tokenized with GPT-2's own tokenizer (24 tokens; clean and corrupted agree except at the members)."
     cfg = gpt2_small_config(n_ctx=64, act_fn='gelu')
     model = random_model(cfg, seed=0)
     g = torch.Generator().manual_seed(0)
     n = 8 if quick else 16
-    prompts = model_labelled_prompts(model, torch.randint(0, cfg.d_vocab, (n, 20), generator=g),
-                                     torch.randint(0, cfg.d_vocab, (n, 20), generator=g))
+    if templated:
+        ps = make_prompts(gpt2_tokenizer(), 'numerals', 'done', n_prompts=n, seed=0)
+        clean, corrupted = ps.clean, ps.corrupted
+    else: clean, corrupted = [torch.randint(0, cfg.d_vocab, (n, 20), generator=g) for _ in range(2)]
+    prompts = model_labelled_prompts(model, clean, corrupted)  # a random model does no task: its own top-2 as labels
     # the published GPT-2 small numerals circuit's 14 heads and 6 of its MLPs: 20 nodes
     circuit = Circuit.from_names('0.1 1.5 4.4 4.10 5.0 6.1 6.6 6.10 7.11 8.1 8.6 8.8 8.9 9.1 MLP0 MLP1 MLP2 MLP9 MLP10 MLP11',
                                  config_hash=config_fingerprint(cfg))
@@ -107,4 +113,8 @@ if __name__ == '__main__':
         model, cases = organism_cases(0 if a.quick else 256)
         for name, prompts, circuit in cases: bench(f'organism, {name}', model, prompts, circuit, repeats=a.repeats)
     else: print('organism: not bundled, skipped')
-    bench('GPT-2-small-size random model', *gpt2_size(a.quick), every=12 if a.quick else a.every)
+    bench('GPT-2-small-size random model, random tokens', *gpt2_size(a.quick), every=12 if a.quick else a.every)
+    if find_gpt2_tokenizer() is not None:
+        bench('GPT-2-small-size random model, numerals "done" prompts (GPT-2 tokenizer)', *gpt2_size(a.quick, templated=True),
+              every=12 if a.quick else a.every)
+    else: print('GPT-2 tokenizer files (shared/gpt2-tokenizer) not found: the templated GPT-2-size case is skipped')
