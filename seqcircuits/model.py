@@ -28,9 +28,9 @@ from .core import Node, NodeKind, Channel, PromptSet
 __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook', 'all_nodes', 'check_nodes',
            'config_fingerprint', 'available_memory', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm',
            'unembed', 'final_logits', 'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of',
-           'attn_half', 'mlp_half', 'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'attn_out_bias', 'heads_out',
-           'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
-           'ModelUnavailableError', 'pretrained_names', 'load_model']
+           'attn_half', 'mlp_half', 'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'node_contribution',
+           'attn_out_bias', 'heads_out', 'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model',
+           'organism_dir', 'save_model', 'ModelUnavailableError', 'pretrained_names', 'load_model']
 
 # %% ../nbs/02_model.ipynb #0a29c949
 def act_name(name:str, layer:int|None=None) -> str:
@@ -218,6 +218,10 @@ def head_contribution(model:HookedTransformer, z:Float[Tensor, "batch pos head_i
                      ) -> Float[Tensor, "batch pos d_model"]:
     "Head `node`'s contribution to the residual stream, `z[:, :, h] @ W_O[h]`, from its block's `z` (b_O excluded)."
     return z[..., node.head, :] @ head_out_weights(model, node.layer)[node.head]
+
+def node_contribution(model:HookedTransformer, act:Tensor, node:Node) -> Float[Tensor, "... d_model"]:
+    "`node`'s contribution to the residual stream from the activation at its `node_out_hook`: a head's `head_contribution`, an MLP's or the embeddings' activation itself."
+    return head_contribution(model, act, node) if node.is_head else act
 
 def attn_out_bias(model:HookedTransformer, layer:int) -> Float[Tensor, "d_model"]:
     "b_O of block `layer`: the part of its attention output that belongs to no head."

@@ -20,7 +20,7 @@ from .core import Node, NodeKind, Channel, Edge, Circuit, PromptSet
 from .model import (node_out_hook, receiver_hook, resid_hook, mid_hook, check_nodes, check_prompts,
                                config_fingerprint, logits_from, final_logits, edge_hooks_enabled, head_contribution,
                                attn_out_bias, attn_in, mlp_of, heads_out, split_supported, all_nodes, resid_at, unembed,
-                               available_memory)
+                               available_memory, node_contribution)
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, compute_ablation, get_ablation, ablation_hooks, complement
 
@@ -228,8 +228,7 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
     "Run the circuit-ablated model on the clean and the corrupted prompts once and cache what patched runs need."
     prompts, metric, abl, off = _prepare(model, prompts, circuit, metric, ablation)
     L, N, engine = model.cfg.n_layers, prompts.n_prompts, _engine(model, engine)
-    layers = sorted({n.layer for n in circuit.nodes} | {L})  # blocks holding receivers, and the final residual stream
-    after = sorted({l + 1 for l in layers if l < L - 1} - set(layers))  # the blocks after them (patched rows are put into their input)
+    layers, after = _cached_layers(circuit, L)
     snd = [Node.embed()] + sorted(circuit.nodes)
     if engine == Engine.SPARSE:
         consts = _consts(model, circuit.nodes, abl, prompts.n_pos)
@@ -246,7 +245,7 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
             def save(act, hook): acts[hook.name] = act
             hooks = ablation_hooks(model, off, _sub_ablation(abl, idx, 2)) + [(n, save) for n in names]
             with model.hooks(fwd_hooks=hooks): logits = final_logits(model, toks)
-            contrib = {s: head_contribution(model, acts[node_out_hook(s)], s) if s.is_head else acts[node_out_hook(s)] for s in snd}
+            contrib = {s: node_contribution(model, acts[node_out_hook(s)], s) for s in snd}
             return (logits, {l: acts[n] for n, l in resid_names.items()}, {l: acts[n] for n, l in mid_names.items()}, contrib)
 
     start, fit = _start(prompts), _fitting(model, prompts, circuit, metric, engine)
@@ -280,6 +279,12 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
     return PatchingRuns(circuit, prompts, metric, abl, off, resid, mid, delta, clean_heads, clean, corrupted, full,
                         ref.get('full'), start, prefix, consts if engine == Engine.SPARSE else {})
 
+def _cached_layers(circuit:Circuit, n_layers:int) -> tuple[list[int], list[int]]:
+    "The blocks whose input the runs cache: those holding receivers (and `n_layers`, the final residual stream), and the\
+    blocks right after them that hold none (a patched block's unmoved rows are read from their input)."
+    layers = sorted({n.layer for n in circuit.nodes} | {n_layers})
+    return layers, sorted({l + 1 for l in layers if l < n_layers - 1} - set(layers))
+
 def _start(prompts:PromptSet) -> int:
     "The first position where some clean prompt and its corrupted version differ (at most the last position)."
     diff = (prompts.clean != prompts.corrupted).any(0).nonzero()
@@ -300,8 +305,7 @@ def patching_cache_bytes(model:HookedTransformer, prompts:PromptSet, circuit:Cir
     cfg, L, engine = model.cfg, model.cfg.n_layers, _engine(model, engine)
     # the sparse runs keep only the last position of what the last block computes (its mid residual and MLP output)
     pos = lambda last_block: 1 if engine == Engine.SPARSE and last_block else prompts.n_pos
-    layers = sorted({n.layer for n in circuit.nodes} | {L})
-    after = sorted({l + 1 for l in layers if l < L - 1} - set(layers))
+    layers, after = _cached_layers(circuit, L)
     rows = sum(pos(l == L) for l in layers + after) + sum(pos(l == L - 1) for l in layers[:-1]) + L * _start(prompts)
     rows += prompts.n_pos + sum(pos(n.layer == L - 1) if n.is_mlp else prompts.n_pos for n in circuit.nodes)  # deltas
     rows += prompts.n_pos * len(circuit.heads)  # clean head outputs
@@ -404,17 +408,14 @@ def edge_faithfulness(model:HookedTransformer, prompts:PromptSet, circuit:Circui
     missing = {(r, ch): [s for s in senders_of(circuit, r) if s not in into.get((r, ch), set())] for r, ch in receivers_of(circuit, L)}
     snd = [Node.embed()] + sorted(circuit.nodes)
 
-    def mean_contrib(s, a):
-        v = a.values[node_out_hook(s)]
-        return head_contribution(model, v, s) if s.is_head else v
     values, full_vals = [], []
     with edge_hooks_enabled(model):
         for idx in _chunks(N, batch_size):
             a = _sub_ablation(abl, idx)
-            means, acts = {s: mean_contrib(s, a) for s in snd}, {}
+            means, acts = {s: node_contribution(model, a.values[node_out_hook(s)], s) for s in snd}, {}
             def save(act, hook):
                 for s in snd:
-                    if node_out_hook(s) == hook.name: acts[s] = head_contribution(model, act, s) if s.is_head else act
+                    if node_out_hook(s) == hook.name: acts[s] = node_contribution(model, act, s)
             def fix(act, hook, r, miss):
                 d = sum(means[s] - acts[s] for s in miss)
                 if r.is_head: act[:, :, r.head] += d
