@@ -14,7 +14,7 @@ from torch import Tensor
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 
-from .core import Node, NodeKind, PromptSet, Circuit, lookup
+from .core import Node, NodeKind, PromptSet, Circuit, lookup, check_finite, check_count
 from .model import node_out_hook, all_nodes, check_nodes, check_prompts, final_logits
 
 # %% auto #0
@@ -44,6 +44,11 @@ class Ablation:
     @property
     def per_prompt(self) -> bool: return self.kind == AblationKind.RESAMPLE
 
+    def check_finite(self) -> Ablation:
+        "Raise a clear error naming the hook point if any replacement value is NaN or infinite; return self."
+        for k, v in self.values.items(): check_finite(v, f"the {self.kind.value} ablation values of {k}")
+        return self
+
     def take(self, idx:slice|Sequence[int], # the prompts, as indices into the set the values were computed from
              reps:int=1, # repeat them this many times along the batch
             ) -> Ablation:
@@ -60,9 +65,9 @@ def compute_ablation(model:HookedTransformer, prompts:PromptSet,
                      kind:AblationKind|str=AblationKind.MEAN, # mean, zero or resample
                      batch_size:int=256, # prompts per forward pass
                     ) -> Ablation:
-    "Replacement values for every component of `model`, from the corrupted prompts of `prompts`."
-    kind = AblationKind(kind)
-    prompts = check_prompts(model, prompts)
+    "Replacement values for every component of `model`, from the corrupted prompts of `prompts` (NaN in them is an error naming where)."
+    kind = lookup(kind, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'an AblationKind')
+    batch_size, prompts = check_count(batch_size, 'batch_size'), check_prompts(model, prompts)
     names = _out_hooks(model)
     sums, parts = {}, {n: [] for n in names}
     for toks in prompts.corrupted.split(batch_size):
@@ -74,7 +79,7 @@ def compute_ablation(model:HookedTransformer, prompts:PromptSet,
     if kind == AblationKind.RESAMPLE: values = {n: torch.cat(parts[n]) for n in names}
     elif kind == AblationKind.MEAN: values = {n: (s / prompts.n_prompts).to(model.cfg.dtype) for n, s in sums.items()}
     else: values = {n: torch.zeros_like(s, dtype=model.cfg.dtype) for n, s in sums.items()}
-    return Ablation(kind, values, prompts.n_pos)
+    return Ablation(kind, values, prompts.n_pos).check_finite()
 
 # %% ../nbs/04_ablation.ipynb #13ee7d39
 def get_ablation(model:HookedTransformer, prompts:PromptSet,
@@ -91,7 +96,7 @@ def get_ablation(model:HookedTransformer, prompts:PromptSet,
             if n != prompts.n_prompts:
                 raise ValueError(f"The resample ablation holds {n} corrupted prompts but the prompt set has "
                                  f"{prompts.n_prompts}: compute it from the same prompts.")
-        return ablation
+        return ablation.check_finite()
     kind = lookup(ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'an Ablation from `compute_ablation`')
     return compute_ablation(model, prompts, kind, batch_size or 256)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #e08c05fd
 from __future__ import annotations
-import json, hashlib
+import json, hashlib, math, numbers
 from dataclasses import dataclass, field, replace, asdict
 from enum import Enum
 from pathlib import Path
@@ -15,8 +15,8 @@ from torch import Tensor
 from jaxtyping import Int
 
 # %% auto #0
-__all__ = ['JSONMixin', 'lookup', 'NodeKind', 'Node', 'Channel', 'is_causal', 'check_edge', 'Edge', 'check_same_model', 'Circuit',
-           'PromptSet', 'concat_prompts']
+__all__ = ['JSONMixin', 'lookup', 'check_threshold', 'check_finite', 'check_count', 'NodeKind', 'Node', 'Channel', 'is_causal',
+           'check_edge', 'Edge', 'check_same_model', 'Circuit', 'PromptSet', 'concat_prompts']
 
 # %% ../nbs/00_core.ipynb #76cbda87
 class JSONMixin:
@@ -29,10 +29,15 @@ class JSONMixin:
         return s
     @classmethod
     def from_json(cls, s_or_path:str|Path):
-        "Read from JSON text or from a file path."
-        text = str(s_or_path)
-        if not text.lstrip().startswith(('{', '[')): text = Path(s_or_path).read_text()
-        return cls.from_dict(json.loads(text))
+        "Read from JSON text or from a file path; a damaged file is named in the error."
+        text, where = str(s_or_path), 'The JSON text'
+        if not text.lstrip().startswith(('{', '[')): text, where = Path(s_or_path).read_text(), str(s_or_path)
+        try: d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} is not valid JSON ({e}): the file is damaged or was not written by seqcircuits.") from None
+        try: return cls.from_dict(d)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{where} does not hold a valid {cls.__name__}: {type(e).__name__}: {e}") from None
 
 # %% ../nbs/00_core.ipynb #b57a5e94
 def lookup(x, # a name, or already the object
@@ -46,6 +51,39 @@ def lookup(x, # a name, or already the object
     if not isinstance(x, str) or x not in registry:
         raise ValueError(f"Unknown {what} {x!r}: use one of {list(registry)}, or pass {make}.")
     return registry[x]
+
+# %% ../nbs/00_core.ipynb #6a8de58d
+def check_threshold(threshold:float, # the fraction of the full model's metric a circuit must keep
+                   ) -> float:
+    "`threshold` as a float if it lies in (0, 1]; else one clear error (the rule knockout, path patching and the study share)."
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1]: the fraction of the full model's metric a circuit keeps "
+                         f"(the research uses 0.8); got {threshold!r}.")
+    return float(threshold)
+
+# %% ../nbs/00_core.ipynb #92535d2e
+def check_finite(x:Tensor|float, # a tensor or a number
+                 what:str, # what it is and where it comes from, for the message
+                ) -> Tensor|float:
+    "`x` if it holds no NaN or infinity; else an error that names `what`."
+    t = torch.as_tensor(x)
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()): return x
+    bad = int((~torch.isfinite(t)).sum())
+    kind = 'NaN' if bool(torch.isnan(t).any()) else 'infinite'
+    count = '' if t.numel() == 1 else f" ({bad} of {t.numel()} values)"
+    raise ValueError(f"{kind} in {what}{count}: nothing can be scored from it. The model's weights or activations "
+                     f"hold NaN/inf or overflow; check them (torch.isfinite) or run in float32.")
+
+# %% ../nbs/00_core.ipynb #46569eff
+def check_count(n, # the value given
+                what:str, # its name, for the message
+                least:int=1, # the smallest allowed value
+               ) -> int:
+    "`n` as an int if it is a whole number (not a bool, float or string) of at least `least`; else one clear error."
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"{what} must be a whole number, got {n!r} ({type(n).__name__}): write e.g. {what}=64.")
+    if n < least: raise ValueError(f"{what} must be >= {least}, got {n}.")
+    return int(n)
 
 # %% ../nbs/00_core.ipynb #50deff9b
 class NodeKind(str, Enum):
@@ -67,6 +105,12 @@ class Node:
 
     def __post_init__(self):
         object.__setattr__(self, 'kind', NodeKind(self.kind))
+        for k in ('layer', 'head'):
+            v = getattr(self, k)
+            if v is None and k == 'head': continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"Node {k} must be a whole number, got {v!r} ({type(v).__name__}).")
+            object.__setattr__(self, k, int(v))
         if (self.kind == NodeKind.HEAD) != (self.head is not None):
             raise ValueError(f"Node({self.kind.value}, layer={self.layer}, head={self.head}): a head node needs a "
                              f"head index and no other node has one.")
@@ -135,7 +179,7 @@ class Node:
 
     def to_dict(self) -> dict: return {'kind': self.kind.value, 'layer': self.layer, 'head': self.head}
     @classmethod
-    def from_dict(cls, d:Mapping) -> Node: return cls(NodeKind(d['kind']), int(d['layer']), d.get('head'))
+    def from_dict(cls, d:Mapping) -> Node: return cls(NodeKind(d['kind']), d['layer'], d.get('head'))
 
 # %% ../nbs/00_core.ipynb #aa321f01
 class Channel(str, Enum):
@@ -175,6 +219,12 @@ def check_edge(receiver:Node, # the node that reads
     return channel
 
 # %% ../nbs/00_core.ipynb #57cae4cd
+def _finite_or_none(v, what:str) -> float|None:
+    if v is None: return None
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number or None, got {v!r}.")
+    return float(v)
+
 @dataclass(frozen=True)
 class Edge:
     "A path from `sender` into one input `channel` of `receiver`, with the effect measured when it is patched."
@@ -186,6 +236,7 @@ class Edge:
     def __post_init__(self):
         object.__setattr__(self, 'channel', Channel(self.channel))
         check_edge(self.receiver, self.channel, [self.sender])
+        object.__setattr__(self, 'score', _finite_or_none(self.score, f'Edge {self.name} score'))
 
     @property
     def name(self) -> str:
@@ -240,6 +291,7 @@ class Circuit(JSONMixin):
         bad = [n for n in nodes if n.kind not in (NodeKind.HEAD, NodeKind.MLP)]
         if bad: raise ValueError(f"Circuit nodes are heads and MLPs; the endpoints are implicit. Got {bad}.")
         object.__setattr__(self, 'nodes', nodes)
+        for k in ('score', 'threshold'): object.__setattr__(self, k, _finite_or_none(getattr(self, k), f"Circuit.{k}"))
         object.__setattr__(self, 'edges', tuple(sorted(self.edges, key=lambda e: (e.receiver.order, e.channel.value, e.sender.order))))
 
     # --- views
@@ -325,6 +377,7 @@ class PromptSet(JSONMixin):
     template: str = 'custom' # template name
     d_vocab: int | None = None # vocabulary size the ids were made for; checked when given
     meta: dict = field(default_factory=dict) # anything else JSON can hold (seed, corruption, filter report)
+    vocab_hash: str = '' # fingerprint of the tokenizer's vocabulary the ids were made with (`seqcircuits.model.vocab_fingerprint`); checked when given
 
     def __post_init__(self):
         for k in ('clean', 'corrupted', 'answer', 'wrong'):
@@ -332,6 +385,9 @@ class PromptSet(JSONMixin):
             if not isinstance(v, Tensor): v = torch.as_tensor(v)
             if v.is_floating_point() or v.is_complex():
                 raise TypeError(f"PromptSet.{k} must hold integer token ids, got dtype {v.dtype}.")
+            if v.dtype in (torch.bool, torch.uint8):
+                raise TypeError(f"PromptSet.{k} has dtype {v.dtype}, the type of masks and bytes, not of token ids: if they "
+                                f"really are token ids, convert them with .long().")
             object.__setattr__(self, k, v.long())
         c, x, a, w = self.clean, self.corrupted, self.answer, self.wrong
         if c.ndim != 2: raise ValueError(f"PromptSet.clean must be [batch, pos], got shape {tuple(c.shape)}.")
@@ -342,6 +398,7 @@ class PromptSet(JSONMixin):
             if v.shape != (c.shape[0],):
                 raise ValueError(f"PromptSet.{k} must be [batch] = ({c.shape[0]},), got {tuple(v.shape)}.")
         if c.shape[0] == 0: raise ValueError("A PromptSet needs at least one prompt; got an empty batch.")
+        if c.shape[1] == 0: raise ValueError("A PromptSet needs at least one token per prompt; got prompts of 0 tokens.")
         for k, n in (('prompts', len(self.prompts)), ('corrupted_prompts', len(self.corrupted_prompts)),
                      ('starts', len(self.starts))):
             if n not in (0, c.shape[0]): raise ValueError(f"PromptSet.{k} has {n} entries for {c.shape[0]} prompts.")
@@ -404,11 +461,12 @@ class PromptSet(JSONMixin):
     def to_dict(self) -> dict:
         d = {k: getattr(self, k).tolist() for k in ('clean', 'corrupted', 'answer', 'wrong')}
         d.update(prompts=list(self.prompts), corrupted_prompts=list(self.corrupted_prompts), member_pos=list(self.member_pos),
-                 starts=list(self.starts), task=self.task, template=self.template, d_vocab=self.d_vocab, meta=self.meta)
+                 starts=list(self.starts), task=self.task, template=self.template, d_vocab=self.d_vocab, meta=self.meta,
+                 vocab_hash=self.vocab_hash)
         return d
     @classmethod
     def from_dict(cls, d:Mapping) -> PromptSet:
-        kw = {k: d[k] for k in ('prompts', 'corrupted_prompts', 'member_pos', 'starts', 'task', 'template', 'd_vocab', 'meta') if k in d}
+        kw = {k: d[k] for k in ('prompts', 'corrupted_prompts', 'member_pos', 'starts', 'task', 'template', 'd_vocab', 'meta', 'vocab_hash') if k in d}
         return cls(torch.tensor(d['clean']), torch.tensor(d['corrupted']), torch.tensor(d['answer']), torch.tensor(d['wrong']), **kw)
 
     def digest(self) -> str:
@@ -427,10 +485,13 @@ def concat_prompts(sets:Sequence[PromptSet], task:str|None=None) -> PromptSet:
         if b.n_pos != a.n_pos or b.member_pos != a.member_pos:
             raise ValueError(f"Cannot concatenate {a!r} (members at {a.member_pos}) and {b!r} (members at {b.member_pos}): "
                              f"prompts in one set need the same token length and member positions. Analyse them separately.")
-        if b.d_vocab != a.d_vocab: raise ValueError(f"{a!r} and {b!r} were made for different vocabularies.")
+        if b.d_vocab != a.d_vocab or b.vocab_hash != a.vocab_hash:
+            raise ValueError(f"{a!r} and {b!r} were made with different tokenizers (vocabularies {a.vocab_hash or '?'} of "
+                             f"{a.d_vocab} tokens and {b.vocab_hash or '?'} of {b.d_vocab}): make them with one tokenizer.")
     cat = lambda k: torch.cat([getattr(s, k) for s in sets])
     tup = lambda k: sum((getattr(s, k) for s in sets), ()) if all(getattr(s, k) for s in sets) else ()
     templates = '+'.join(dict.fromkeys(s.template for s in sets))
     return PromptSet(cat('clean'), cat('corrupted'), cat('answer'), cat('wrong'), tup('prompts'), tup('corrupted_prompts'),
                      a.member_pos, tup('starts'), task or '+'.join(dict.fromkeys(s.task for s in sets)), templates,
-                     a.d_vocab, {'parts': [{'task': s.task, 'template': s.template, 'n': s.n_prompts, **s.meta} for s in sets]})
+                     a.d_vocab, {'parts': [{'task': s.task, 'template': s.template, 'n': s.n_prompts, **s.meta} for s in sets]},
+                     a.vocab_hash)

@@ -16,8 +16,8 @@ from torch import Tensor
 from jaxtyping import Float, Int, Bool
 from tqdm.auto import tqdm
 
-from .core import PromptSet, lookup
-from .model import final_logits
+from .core import PromptSet, lookup, check_count
+from .model import final_logits, check_prompts, vocab_fingerprint
 
 # %% auto #0
 __all__ = ['TASKS', 'NAMES', 'LOST_NOUNS', 'DONE_NOUNS', 'TEMPLATES', 'WORD_SPECIALS', 'Task', 'get_task', 'sequence', 'Template',
@@ -270,7 +270,7 @@ def _slot_ids(tok, task:Task, text:str, offsets:Sequence[int]) -> list[dict[str,
 
 def _check_split(n_prompts:int, starts:Sequence[int]) -> int:
     "Prompts per start member; a clear error if `n_prompts` cannot be split evenly."
-    if n_prompts < 1: raise ValueError(f"n_prompts must be >= 1, got {n_prompts}.")
+    check_count(n_prompts, 'n_prompts')
     k = len(starts)
     if k == 0: raise ValueError("starts is empty: give at least one start member, e.g. range(1, 9).")
     if n_prompts % k:
@@ -292,8 +292,8 @@ def make_prompts(tokenizer_or_model, # a Hugging Face tokenizer, or a HookedTran
                 ) -> PromptSet:
     "A balanced set of clean and corrupted prompts of one task and template, with answer and wrong-answer ids."
     tok, task, template = _tokenizer(tokenizer_or_model), get_task(task), get_template(template)
-    corruption, starts = Corruption(corruption), tuple(int(s) for s in starts)
-    if n_members < 1: raise ValueError(f"n_members must be >= 1, got {n_members}.")
+    corruption = lookup(corruption, {c.value: c for c in Corruption}, Corruption, 'corruption', 'a Corruption')
+    starts, n_members = tuple(int(s) for s in starts), check_count(n_members, 'n_members')
     if len(set(starts)) != len(starts): raise ValueError(f"starts {list(starts)} repeat a member: give each once.")
     per_start = _check_split(n_prompts, starts)
     seqs = {s: sequence(task, s, n_members + 1) for s in starts}
@@ -368,7 +368,7 @@ def make_prompts(tokenizer_or_model, # a Hugging Face tokenizer, or a HookedTran
                              f"members stand apart (a space or punctuation on both sides).")
     return PromptSet(C, X, torch.tensor([answer[r[1]] for r in rows]), torch.tensor([wrong[r[1]] for r in rows]),
                      prompts=tuple(r[2] for r in rows), corrupted_prompts=tuple(r[3] for r in rows), member_pos=member_pos,
-                     starts=tuple(r[0] for r in rows), task=task.name, template=template.name, d_vocab=len(tok),
+                     starts=tuple(r[0] for r in rows), task=task.name, template=template.name, d_vocab=len(tok), vocab_hash=vocab_fingerprint(tok),
                      meta=dict(seed=seed, corruption=corruption.value, n_members=n_members, prepend_bos=prepend_bos,
                                tokenizer=type(tok).__name__))
 
@@ -447,8 +447,8 @@ def filter_prompts(model, # the model under study (a HookedTransformer or a toke
                    batch_size:int=256, # prompts per forward pass
                   ) -> tuple[PromptSet, pd.DataFrame]:
     "The prompts the model gets right (top-1 is the answer, p(answer) > ratio x p(wrong)), and a report per start member."
-    d_vocab = getattr(getattr(model, 'cfg', None), 'd_vocab', None)
-    if d_vocab is not None: prompts.check_vocab(d_vocab, f"the model's vocabulary")
+    check_count(batch_size, 'batch_size')
+    if getattr(model, 'cfg', None) is not None: check_prompts(model, prompts)
     with torch.no_grad(): logits = final_logits(model, prompts.clean, batch_size).float().cpu()
     top1, beats = _filter_mask(logits, prompts.answer, prompts.wrong, ratio)
     passed = top1 & beats

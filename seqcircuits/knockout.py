@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from .core import Node, PromptSet, Circuit, lookup, check_same_model
+from .core import Node, PromptSet, Circuit, lookup, check_same_model, check_threshold
 from .model import Engine, all_nodes, check_nodes, config_fingerprint
 from .metrics import Metric
 from .ablation import Ablation, AblationKind, complement
@@ -115,11 +115,6 @@ class KnockoutStep:
         return cls(int(d['pass']), Direction(d['direction']), Node.parse(d['node']), float(d['score']), bool(d['removed']))
 
 # %% ../nbs/08_knockout.ipynb #104e99e6
-def _check_threshold(threshold):
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1]: the fraction of the full model's metric a circuit keeps "
-                         f"(the research uses 0.8); got {threshold!r}.")
-
 def _knockout(scorer:NodeScorer, pool:frozenset, removed:frozenset, threshold:float, order:Order,
               max_passes:int|None, progress:bool, desc:str='knockout') -> tuple[frozenset, list[KnockoutStep], int]:
     "The greedy loop: passes over the candidates in `pool` until one removes nothing (or `max_passes`)."
@@ -144,6 +139,8 @@ def _knockout(scorer:NodeScorer, pool:frozenset, removed:frozenset, threshold:fl
     return removed, steps, p
 
 def _as_nodes(model, x) -> set[Node]:
+    "Nodes from a Circuit, nodes, names, or one string of names ('0.0 MLP1')."
+    if isinstance(x, str): x = x.replace(',', ' ').split()
     if isinstance(x, Circuit):
         check_same_model([x], config_fingerprint(model.cfg), model.cfg.model_name, doing=f'use {x!r} here')
         x = x.nodes
@@ -151,18 +148,25 @@ def _as_nodes(model, x) -> set[Node]:
 
 def _find(scorer:NodeScorer, *, threshold, order, heads, mlps, keep, start, max_passes, progress, desc='knockout') -> Circuit:
     model = scorer.model
-    _check_threshold(threshold)
+    threshold = check_threshold(threshold)
     if not (heads or mlps): raise ValueError("heads=False and mlps=False leave nothing to knock out: allow heads, MLPs or both.")
     if max_passes is not None and max_passes < 1: raise ValueError(f"max_passes must be >= 1 or None, got {max_passes}.")
     order, everything = get_order(order), frozenset(all_nodes(model))
     keep = _as_nodes(model, keep)
     start_nodes = everything if start is None else frozenset(_as_nodes(model, start))
+    if not start_nodes:
+        raise ValueError("start is empty: knockout removes components from its start circuit, and this one has none. "
+                         "Pass start=None (the full model) or a circuit with components.")
     if keep - start_nodes:
         raise ValueError(f"Pinned components {sorted(n.name for n in keep - start_nodes)} are not in the start circuit: "
                          f"add them to `start` or unpin them.")
     removed0 = everything - start_nodes
     pool = (frozenset(all_nodes(model, heads, mlps)) & start_nodes) - keep
     start_score = scorer.score(removed0)
+    if start_score < threshold:
+        raise ValueError(f"The start circuit keeps {100 * start_score:.1f}% of the full model's {scorer.metric.name}, below the "
+                         f"threshold {100 * threshold:g}%: knockout only removes components, so it can never reach the "
+                         f"threshold. Start from a larger circuit (or the full model, start=None), or lower the threshold.")
     removed, steps, n_passes = _knockout(scorer, pool, removed0, threshold, order, max_passes, progress, desc)
     last = next((s.score for s in reversed(steps) if s.removed), start_score)
     final = scorer.reference_score(removed)
@@ -195,7 +199,7 @@ def find_circuit(model:HookedTransformer, prompts:PromptSet,
                  progress:bool=True, # show a progress bar over candidates
                 ) -> Circuit:
     "Greedy iterative knockout: the heads and MLPs a model needs to keep `threshold` of its metric."
-    _check_threshold(threshold)
+    check_threshold(threshold)
     return _find(NodeScorer(model, prompts, metric, ablation, engine, batch_size), threshold=threshold, order=order,
                  heads=heads, mlps=mlps, keep=keep, start=start, max_passes=max_passes, progress=progress)
 
@@ -299,7 +303,7 @@ def knockout_stability(model:HookedTransformer,
     sets = [prompts] if isinstance(prompts, PromptSet) else list(prompts)
     orders, thresholds = [get_order(o) for o in orders], list(thresholds)
     if not sets or not orders or not thresholds: raise ValueError("Give at least one prompt set, one order and one threshold.")
-    for t in thresholds: _check_threshold(t)
+    for t in thresholds: check_threshold(t)
     pool = all_nodes(model, heads, mlps)
     labels = [_prompt_label(i, p) for i, p in enumerate(sets)]
     if len(set(labels)) < len(labels): labels = [f"set {i}" for i in range(len(sets))]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from jaxtyping import Float
 
-from .core import PromptSet, lookup
+from .core import PromptSet, lookup, check_finite
 
 # %% auto #0
 __all__ = ['METRICS', 'Metric', 'LogitDiff', 'AnswerProb', 'Accuracy', 'KLDivergence', 'get_metric']
@@ -34,12 +34,22 @@ class Metric:
     def score(self, value:float, full:float) -> float:
         "`value` as the fraction of the full model's `full` kept (1.0 = the full model)."
         return value / full
-    def check_full(self, full:float, prompts:PromptSet):
-        "Raise a clear error if the full model cannot do the task by this metric."
+    def check_full(self, full:float, prompts:PromptSet,
+                   per_prompt:Tensor|None=None, # the full model's value on each prompt (`full` is their mean)
+                  ):
+        "Raise a clear error if the full model's metric is NaN, or too small to normalise by: it cannot do the task, or too weakly to tell from noise."
+        if per_prompt is not None: check_finite(per_prompt, f"the full model's {self.name} on {prompts!r}, per prompt")
+        check_finite(full, f"the full model's {self.name} on {prompts!r}")
         if not full > 0:
             raise ValueError(f"The full model's {self.name} on {prompts!r} is {full:.4g} <= 0: it does not do the task on "
                              f"these prompts, so there is no circuit to find. Filter the prompts first "
                              f"(`seqcircuits.data.filter_prompts`) or check that answer/wrong ids are right.")
+        size = None if per_prompt is None else per_prompt.float().abs().mean().item()
+        if size is not None and full < 0.1 * size:
+            raise ValueError(f"The full model's {self.name} on {prompts!r} is {full:.3g}, only {100 * full / size:.1f}% of its "
+                             f"mean size per prompt ({size:.3g}): the prompts' values cancel out, so it is too close to zero "
+                             f"to normalise by and every score would be noise (a circuit at '267% of full'). Filter the "
+                             f"prompts first (`seqcircuits.data.filter_prompts`) or check that answer/wrong ids are right.")
 
 def _pick(logits, ids): return logits.gather(-1, ids.to(logits.device)[:, None])[:, 0]
 
@@ -74,7 +84,9 @@ class KLDivergence(Metric):
         ref = reference.float().log_softmax(-1)
         return (ref.exp() * (ref - logits.float().log_softmax(-1))).sum(-1)
     def score(self, value, full): return math.exp(-(value - full))
-    def check_full(self, full, prompts): pass
+    def check_full(self, full, prompts, per_prompt=None):
+        if per_prompt is not None: check_finite(per_prompt, f"the full model's {self.name} on {prompts!r}, per prompt")
+        check_finite(full, f"the full model's {self.name} on {prompts!r}")
 
 METRICS = {m.name: m for m in (LogitDiff(), AnswerProb(), Accuracy(), KLDivergence())}
 

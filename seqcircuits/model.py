@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_model.ipynb #f5d10680
 from __future__ import annotations
-import json, os, socket, hashlib, dataclasses
+import json, os, socket, hashlib, dataclasses, weakref
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
@@ -28,12 +28,12 @@ from .core import Node, NodeKind, Channel, PromptSet, lookup
 
 # %% auto #0
 __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook', 'all_nodes', 'check_nodes',
-           'config_fingerprint', 'available_memory', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm',
-           'unembed', 'final_logits', 'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of',
-           'attn_half', 'mlp_half', 'mid_hook', 'Engine', 'resolve_engine', 'edge_hooks_enabled', 'head_contribution',
-           'node_contribution', 'attn_out_bias', 'heads_out', 'positional_weights', 'prepare_tokenizer',
-           'gpt2_small_config', 'random_model', 'organism_dir', 'save_model', 'ModelUnavailableError',
-           'pretrained_names', 'load_model']
+           'config_fingerprint', 'weights_fingerprint', 'vocab_fingerprint', 'available_memory', 'check_prompts',
+           'resid_at', 'logits_from', 'apply_norm', 'unembed', 'final_logits', 'enable_edge_hooks', 'head_out_weights',
+           'split_supported', 'attn_in', 'mlp_of', 'attn_half', 'mlp_half', 'mid_hook', 'Engine', 'resolve_engine',
+           'edge_hooks_enabled', 'head_contribution', 'node_contribution', 'attn_out_bias', 'heads_out',
+           'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
+           'ModelUnavailableError', 'pretrained_names', 'load_model']
 
 # %% ../nbs/01_model.ipynb #0a29c949
 def act_name(name:str, layer:int|None=None) -> str:
@@ -86,6 +86,33 @@ def config_fingerprint(cfg:HookedTransformerConfig) -> str:
     blob = json.dumps({k: str(getattr(cfg, k, None)) for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+# %% ../nbs/01_model.ipynb #d9cb4901
+def weights_fingerprint(model:torch.nn.Module, # a HookedTransformer (or any module)
+                       ) -> str:
+    "A short hash of every parameter and buffer (names, dtypes, shapes and bytes): equal fingerprints mean identical weights."
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().to('cpu').contiguous().reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(v.shape)}|".encode())
+        if t.numel(): h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+# %% ../nbs/01_model.ipynb #ad2a3478
+_VOCAB_FP = weakref.WeakKeyDictionary()
+
+def vocab_fingerprint(tokenizer, # a Hugging Face tokenizer
+                     ) -> str:
+    "A short hash of a tokenizer's vocabulary (every token with its id): prompts made with one must not run on a model with another."
+    n = len(tokenizer)
+    try: got = _VOCAB_FP.get(tokenizer)
+    except TypeError: got = None
+    if got is not None and got[0] == n: return got[1]
+    items = sorted(((i, t) for t, i in tokenizer.get_vocab().items()))
+    fp = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:12]
+    try: _VOCAB_FP[tokenizer] = (n, fp)
+    except TypeError: pass
+    return fp
+
 # %% ../nbs/01_model.ipynb #7367831b
 def available_memory(device:str|torch.device) -> int|None:
     "Bytes free for new tensors on `device` now: CUDA's free memory plus what PyTorch holds unused; on CPU the system's available memory (Linux); None where unknown."
@@ -102,8 +129,16 @@ def available_memory(device:str|torch.device) -> int|None:
 
 # %% ../nbs/01_model.ipynb #481fd49b
 def check_prompts(model:HookedTransformer, prompts:PromptSet) -> PromptSet:
-    "Raise a clear error if the prompts do not fit `model` (ids outside its vocabulary, too long); return them on its device."
-    prompts.check_vocab(model.cfg.d_vocab, what=f"the model's vocabulary")
+    "Raise a clear error if the prompts do not fit `model` (made with another tokenizer or vocabulary, ids outside it, too long); return them on its device."
+    tok, V = getattr(model, 'tokenizer', None), model.cfg.d_vocab
+    if prompts.vocab_hash and tok is not None and vocab_fingerprint(tok) != prompts.vocab_hash:
+        raise ValueError(f"{prompts!r} were made with another tokenizer (vocabulary {prompts.vocab_hash}, {prompts.d_vocab} "
+                         f"tokens) than the model's ({vocab_fingerprint(tok)}, {len(tok)} tokens): their ids would mean other "
+                         f"words here. Make them with this model: make_prompts(model, ...).")
+    if prompts.d_vocab is not None and prompts.d_vocab not in (V, V if tok is None else len(tok)):
+        raise ValueError(f"{prompts!r} were made with another tokenizer, for a vocabulary of {prompts.d_vocab} tokens; the "
+                         f"model's has {V}: their ids would mean other words here. Make them with this model's tokenizer.")
+    prompts.check_vocab(V, what=f"the model's vocabulary")
     if prompts.n_pos > model.cfg.n_ctx:
         raise ValueError(f"Prompts are {prompts.n_pos} tokens long but the model's context is {model.cfg.n_ctx}.")
     return prompts.to(model.cfg.device)
@@ -344,25 +379,44 @@ def _hub_reachable(timeout:float=3.0) -> bool:
         with socket.create_connection((host, 443), timeout=timeout): return True
     except OSError: return False
 
+_DTYPES = ('float32', 'float16', 'bfloat16', 'float64')
+
+def _dtype(dtype:str|torch.dtype|None, where:str='') -> torch.dtype|None:
+    "A torch dtype from its name, with an error that lists the valid ones."
+    if dtype is None or isinstance(dtype, torch.dtype): return dtype
+    name = str(dtype).replace('torch.', '')
+    if name not in _DTYPES: raise ValueError(f"Unknown dtype {dtype!r}{where}: use one of {list(_DTYPES)} or a torch.dtype.")
+    return getattr(torch, name)
+
+def _first_line(e:Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 def _load_dir(d:Path, device=None, dtype=None) -> HookedTransformer:
     from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
     for f in ('config.json', 'model.safetensors'):
         if not (d/f).exists(): raise FileNotFoundError(f"{d} has no {f}: a model folder holds config.json, "
                                                      f"model.safetensors and tokenizer.json (see `save_model`).")
-    cfgd = json.loads((d/'config.json').read_text())
-    if dtype is not None: cfgd['dtype'] = dtype
-    cfgd['dtype'] = getattr(torch, str(cfgd.get('dtype', 'float32')).replace('torch.', ''))
+    damaged = "the model folder is damaged or was not written by save_model; save the model again"
+    try: cfgd = json.loads((d/'config.json').read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d/'config.json'} is not valid JSON ({_first_line(e)}): {damaged}.") from None
+    if not isinstance(cfgd, dict): raise ValueError(f"{d/'config.json'} holds no config (a JSON object of settings): {damaged}.")
+    cfgd['dtype'] = _dtype(dtype) or _dtype(cfgd.get('dtype', 'float32'), f" in {d/'config.json'}")
     if device is not None: cfgd['device'] = str(device)
-    cfg = HookedTransformerConfig(**cfgd)
+    try: cfg = HookedTransformerConfig(**cfgd)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise ValueError(f"{d/'config.json'} is not a valid HookedTransformerConfig ({_first_line(e)}): {damaged}.") from None
     tok = None
     if (d/'tokenizer.json').exists():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+        try: tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+        except Exception as e: raise ValueError(f"{d/'tokenizer.json'} is not a valid tokenizer ({_first_line(e)}): {damaged}.") from None
         if len(tok) > cfg.d_vocab:
             raise ValueError(f"The tokenizer in {d} has {len(tok)} tokens but the model's vocabulary (d_vocab) is "
                              f"{cfg.d_vocab}: they do not belong together.")
     model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
-    sd = load_file(str(d/'model.safetensors'))
+    try: sd = load_file(str(d/'model.safetensors'))
+    except Exception as e:  # safetensors raises its own error type for a damaged header or body
+        raise ValueError(f"{d/'model.safetensors'} is not a safetensors file ({_first_line(e)}): {damaged}.") from None
     want = model.state_dict()
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     bad = [f"{k}: file {tuple(sd[k].shape)} vs config {tuple(want[k].shape)}" for k in want if k in sd and sd[k].shape != want[k].shape]
@@ -386,10 +440,17 @@ def load_model(name:str|Path=ORGANISM, # 'organism', a folder written by `save_m
     "Load the bundled organism (default, no network), a saved model folder, or a TransformerLens pretrained model."
     if device is not None and str(device).startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} was asked for but no CUDA GPU is available here; use device='cpu'.")
-    if isinstance(dtype, str): dtype = getattr(torch, dtype.replace('torch.', ''))
+    dtype = _dtype(dtype)
     if str(name) == ORGANISM: return _load_dir(organism_dir(), device, dtype)
     if Path(name).is_dir(): return _load_dir(Path(name), device, dtype)
     names = tl_loading.make_model_alias_map()
+    s = str(name)
+    if Path(name).exists(): raise ValueError(f"{s} is a file, not a model folder: give the folder that holds config.json and "
+                                             f"model.safetensors (written by save_model).")
+    if s.lower() not in names and (isinstance(name, Path) or s.startswith(('/', '.', '~')) or os.sep in s
+                                   or (os.altsep and os.altsep in s)):
+        raise FileNotFoundError(f"No model folder at {s!r}: the path does not exist. Give a folder written by save_model "
+                                f"(config.json, model.safetensors), 'organism', or a TransformerLens name such as 'gpt2-small'.")
     if str(name).lower() not in names:
         short = [ORGANISM] + [n for n in ('gpt2-small', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'pythia-160m',
                                           'Qwen/Qwen2.5-0.5B') if n.lower() in names]

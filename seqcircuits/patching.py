@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 import pandas as pd
 from transformer_lens import HookedTransformer
 
-from .core import Node, NodeKind, Channel, Edge, Circuit, PromptSet, is_causal, check_edge, check_same_model
+from .core import (Node, NodeKind, Channel, Edge, Circuit, PromptSet, is_causal, check_edge, check_same_model,
+                              check_threshold, check_finite, lookup)
 from .model import (Engine, resolve_engine, node_out_hook, receiver_hook, resid_hook, mid_hook, check_nodes,
                                check_prompts, config_fingerprint, logits_from, final_logits, edge_hooks_enabled,
                                head_contribution, attn_out_bias, attn_in, mlp_of, heads_out, all_nodes, resid_at, unembed,
@@ -29,9 +30,9 @@ from .graphs import plot_circuit, save_figure
 from .study import Study, Stage, html_image
 
 # %% auto #0
-__all__ = ['EDGES_STAGE', 'check_circuit', 'receivers_of', 'senders_of', 'ScoreForm', 'PatchingRuns', 'patching_runs',
-           'patching_cache_bytes', 'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table', 'run_edges',
-           'html_edges']
+__all__ = ['EDGES_STAGE', 'check_circuit', 'receivers_of', 'senders_of', 'ScoreForm', 'get_score_form', 'PatchingRuns',
+           'patching_runs', 'patching_cache_bytes', 'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table',
+           'run_edges', 'html_edges']
 
 # %% ../nbs/09_path_patching.ipynb #50761dd3
 def check_circuit(model:HookedTransformer, circuit:Circuit) -> Circuit:
@@ -77,6 +78,10 @@ class ScoreForm(str, Enum):
     RATIO = 'ratio' # m(patched) / m(clean circuit run): 1 = no effect (the research's form)
     NORMALIZED = 'normalized' # (m(patched) - m(clean)) / (m(clean) - m(corrupted)): 0 = no effect, -1 = total loss
 
+def get_score_form(form:ScoreForm|str) -> ScoreForm:
+    "A score form by name ('ratio', 'normalized') or the form itself."
+    return lookup(form, {f.value: f for f in ScoreForm}, ScoreForm, 'score form', 'a ScoreForm')
+
 # %% ../nbs/09_path_patching.ipynb #597e4666
 @dataclass(frozen=True, eq=False)
 class PatchingRuns:
@@ -111,7 +116,7 @@ class PatchingRuns:
 
     def to_scores(self, values:Float[Tensor, "sender"], form:ScoreForm|str=ScoreForm.RATIO) -> list[float]:
         "Mean patched metric values -> edge scores in `form`."
-        form = ScoreForm(form)
+        form = get_score_form(form)
         if form == ScoreForm.RATIO: return [self.metric.score(float(v), self.clean_value) for v in values]
         gap = self.clean_value - self.corrupted_value
         if gap == 0: raise ValueError("The clean and corrupted circuit runs score the same; the normalized form is "
@@ -249,7 +254,9 @@ def patching_runs(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
         for s in snd: put(delta, s, idx, contrib[s][n:] - contrib[s][:n])
         for h in circuit.heads: put(clean_heads, h, idx, contrib[h][:n])
     full, clean, corrupted = (torch.cat(per[k]) for k in ('full', 'clean', 'corrupted'))
-    metric.check_full(full.float().mean().item(), prompts)
+    metric.check_full(full.float().mean().item(), prompts, full)
+    for k, v in (('clean', clean), ('corrupted', corrupted)):
+        check_finite(v, f"the {metric.name} of the circuit's {k} run (everything outside the circuit ablated) on {prompts!r}")
     return PatchingRuns(circuit=circuit, prompts=prompts, metric=metric, ablation=abl, ablated_nodes=ablated_nodes, resid=resid,
                         mid=mid, delta=delta, clean_heads=clean_heads, clean=clean, corrupted=corrupted, full=full,
                         reference=ref.get('full'), start=start, prefix=prefix, consts=consts if engine == Engine.FAST else {})
@@ -363,7 +370,8 @@ def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, cha
                     with model.hooks(fwd_hooks=hooks): logits = logits_from(model, base.repeat(k, 1, 1), layer)
                 for i, lg in enumerate(logits.split(idx.stop - idx.start)):
                     totals[j+i] += runs.metric.per_prompt(lg, sub, ref).double().sum()
-    return (totals / N).float().cpu()
+    return check_finite((totals / N).float().cpu(), f"the {runs.metric.name} of the runs patching each sender into {receiver}'s "
+                                                   f"{channel.value} input (their logits or the metric hold NaN)")
 
 # %% ../nbs/09_path_patching.ipynb #4f8ff34b
 @torch.no_grad()
@@ -399,9 +407,10 @@ def edge_faithfulness(model:HookedTransformer, prompts:PromptSet, circuit:Circui
             with model.hooks(fwd_hooks=hooks): logits = final_logits(model, prompts.clean[idx])
             full = final_logits(model, prompts.clean[idx])
             values.append(metric.per_prompt(logits, prompts[idx], full)); full_vals.append(metric.per_prompt(full, prompts[idx], full))
-    full_value = torch.cat(full_vals).float().mean().item()
-    metric.check_full(full_value, prompts)
-    return metric.score(torch.cat(values).float().mean().item(), full_value)
+    full_vals = torch.cat(full_vals).float()
+    metric.check_full(full_vals.mean().item(), prompts, full_vals)
+    value = check_finite(torch.cat(values).float().mean().item(), f"the {metric.name} of the edge circuit (only its edges intact)")
+    return metric.score(value, full_vals.mean().item())
 
 # %% ../nbs/09_path_patching.ipynb #f406be34
 def find_edges(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
@@ -417,7 +426,7 @@ def find_edges(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
                prompts_per_run:int|None=None, # prompts whose runs are cached at once (None: as many as fit in free memory)
               ) -> Circuit:
     "Iterative path patching: the edges of node `circuit` that carry the task, from the last receiver back; nodes without a path to the output are dropped."
-    form, L, N = ScoreForm(score_form), model.cfg.n_layers, prompts.n_prompts
+    threshold, form, L, N = check_threshold(threshold), get_score_form(score_form), model.cfg.n_layers, prompts.n_prompts
     cut, todo, bs = threshold if form == ScoreForm.RATIO else threshold - 1, receivers_of(circuit, L), max(1, batch_size)
     prompts, metric, abl, _ = _prepare(model, prompts, circuit, metric, ablation)  # one ablation for all the parts
     n = prompts_per_run or max(1, _fitting(model, prompts, circuit, metric, engine))

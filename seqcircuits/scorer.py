@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_scorer.ipynb #ed9918ea
 from __future__ import annotations
-import warnings
+import math, warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from .core import Node, PromptSet
+from .core import Node, PromptSet, check_finite
 from .model import (Engine, resolve_engine, check_nodes, check_prompts, resid_at, logits_from, head_out_weights,
                                node_out_hook, attn_half, mlp_half)
 from .metrics import Metric, get_metric
@@ -54,9 +54,11 @@ class NodeScorer:
                 j = min(n, i + bs)
                 p = prompts if (i, j) == (0, n) else prompts[i:j]
                 a = abl if (i, j) == (0, n) else abl.take(slice(i, j))
-                self.chunks.append(_Chunk(p, a, model(p.clean)[:, -1]))
-        self.full = self._value([c.ref for c in self.chunks])
-        self.metric.check_full(self.full, prompts)
+                ref = check_finite(model(p.clean)[:, -1], f"the full model's logits on {prompts!r}")
+                self.chunks.append(_Chunk(p, a, ref))
+        full = self._per_prompt([c.ref for c in self.chunks])
+        self.full = full.mean().item()
+        self.metric.check_full(self.full, prompts, full)
         self.base, self.memo, self.n_evals, self.n_memo_hits = frozenset(), {}, 0, 0
         self.engine = resolve_engine(model, engine)
         if Engine(engine) == Engine.AUTO and self.engine == Engine.HOOKS:
@@ -65,9 +67,15 @@ class NodeScorer:
         if self.engine == Engine.FAST: self._init_cache()
 
     # --- the quantity
-    def _value(self, logits:list[Tensor]) -> float:
-        vals = [self.metric.per_prompt(lg, c.prompts, c.ref) for lg, c in zip(logits, self.chunks)]
-        return torch.cat(vals).float().mean().item()
+    def _per_prompt(self, logits:list[Tensor]) -> Tensor:
+        return torch.cat([self.metric.per_prompt(lg, c.prompts, c.ref) for lg, c in zip(logits, self.chunks)]).float()
+    def _value(self, logits:list[Tensor], S:frozenset) -> float:
+        "The metric's mean; NaN is an error that names the removed set."
+        v = self._per_prompt(logits).mean().item()
+        if math.isfinite(v): return v
+        names = [n.name for n in sorted(S)]
+        what = ' '.join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else '') if names else 'nothing'
+        return check_finite(v, f"the {self.metric.name} of the model with {what} removed (its logits or the metric hold NaN)")
 
     @torch.no_grad()
     def score(self, removed:Iterable[Node]) -> float:
@@ -76,7 +84,7 @@ class NodeScorer:
         if S in self.memo: self.n_memo_hits += 1; return self.memo[S]
         check_nodes(self.model, S)
         logits = [self._logits_fast(c, S) if self.engine == Engine.FAST else self._logits_ref(c, S) for c in self.chunks]
-        s = self.metric.score(self._value(logits), self.full)
+        s = self.metric.score(self._value(logits, S), self.full)
         self.n_evals += 1
         if self.engine == Engine.FAST: self.memo[S] = s
         return s
@@ -85,7 +93,7 @@ class NodeScorer:
     def reference_score(self, removed:Iterable[Node]) -> float:
         "The same score by one plain forward with hooks, whatever the engine (a check on the fast engine)."
         S = frozenset(check_nodes(self.model, removed))
-        return self.metric.score(self._value([self._logits_ref(c, S) for c in self.chunks]), self.full)
+        return self.metric.score(self._value([self._logits_ref(c, S) for c in self.chunks], S), self.full)
 
     def set_base(self, removed:Iterable[Node]):
         "Move the cache to a new base set of removed components (only what changed is recomputed, when needed)."
