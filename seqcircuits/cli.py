@@ -4,7 +4,7 @@
 
 # %% ../nbs/91_cli.ipynb #2efc6a6f
 from __future__ import annotations
-import argparse, sys, time
+import argparse, sys, time, warnings
 from pathlib import Path
 
 from .model import ModelUnavailableError
@@ -19,8 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     d = StudySettings()
     p = argparse.ArgumentParser(prog='seqcircuits', description="Find and compare sequence-continuation circuits.")
     sub = p.add_subparsers(dest='command', required=True)
-    r = sub.add_parser('run', help='run the cross-task circuit study and write a report')
-    r.add_argument('--model', default=d.model, help="'organism' (bundled, default), a TransformerLens name such as gpt2-small, or a saved model folder")
+    r = sub.add_parser('run', help='run the cross-task circuit study and write a report',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument('--model', default=d.model, help="'organism' (bundled), a TransformerLens name such as gpt2-small, or a saved model folder")
     r.add_argument('--tasks', nargs='+', default=list(d.tasks), metavar='TASK', help=f"tasks (from: {', '.join(TASKS)})")
     r.add_argument('--templates', nargs='+', default=list(d.templates), metavar='TEMPLATE', help=f"templates (from: {', '.join(TEMPLATES)})")
     r.add_argument('--n-prompts', type=int, default=d.n_prompts, help='prompts per task before filtering')
@@ -29,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--ablation', default=d.ablation, help='mean, zero or resample')
     r.add_argument('--out', default='seqcircuits-report', help='output folder')
     r.add_argument('--device', default=d.device, help='cpu or cuda')
-    r.add_argument('--seed', type=int, default=d.seed)
-    r.add_argument('--overwrite', action='store_true', help='replace a study with other settings in --out')
+    r.add_argument('--seed', type=int, default=d.seed, help='seed of the prompt sets')
+    r.add_argument('--overwrite', action='store_true', help="replace a study with other settings or weights in --out "
+                   "(only the files the study wrote are removed; a folder that is not a study is never touched)")
     r.add_argument('--quiet', action='store_true', help='no progress bars or stage lines')
     t = sub.add_parser('train-organism', help='retrain the bundled model organism from scratch')
     t.add_argument('--seed', type=int, default=0)
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 def _run(a) -> int:
-    from seqcircuits.study import StudySettings, run_study
+    from seqcircuits.study import StudySettings, StudyWarning, run_study
     from seqcircuits.report import STAGES, write_report
     settings = StudySettings(model=a.model, tasks=tuple(a.tasks), templates=tuple(a.templates), n_prompts=a.n_prompts,
                              threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device)
@@ -50,9 +52,17 @@ def _run(a) -> int:
         summ = info.get('summary', {})
         extra = summ.get('circuit') or summ.get('shared') or ''
         print(f"{what}: {how}" + (f" - {extra}" if extra else ''), file=sys.stderr, flush=True)
-    out = run_study(settings, a.out, STAGES, overwrite=a.overwrite, progress=not a.quiet, on_stage=line)
-    report = write_report(out, STAGES)
-    print(f"Report: {report.resolve()}" + ('' if a.quiet else f"  ({time.perf_counter() - t0:.1f} s)"))
+    report = []
+    show = warnings.showwarning
+    def warn(message, category, *args, **kw):  # a repaired study file: one line, even with --quiet
+        if issubclass(category, StudyWarning): print(f"seqcircuits: warning: {message}", file=sys.stderr, flush=True)
+        else: show(message, category, *args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter('always', StudyWarning)
+        warnings.showwarning = warn
+        run_study(settings, a.out, STAGES, overwrite=a.overwrite, progress=not a.quiet, on_stage=line,
+                  after=lambda out: report.append(write_report(out, STAGES)))  # under the study's lock
+    print(f"Report: {report[0].resolve()}" + ('' if a.quiet else f"  ({time.perf_counter() - t0:.1f} s)"))
     return 0
 
 def _train(a) -> int:
@@ -68,7 +78,8 @@ def main(argv:list[str]|None=None) -> int:
     a = _parser().parse_args(argv)
     try:
         return {'run': _run, 'train-organism': _train}[a.command](a)
-    except (ValueError, ModelUnavailableError, FileExistsError, NotADirectoryError, PermissionError, RuntimeError, MemoryError) as e:
+    except (ValueError, ModelUnavailableError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError,
+            RuntimeError, MemoryError) as e:
         print(f"seqcircuits: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

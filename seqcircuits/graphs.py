@@ -147,7 +147,9 @@ def save_figure(fig:Figure, path_stem:str|Path, dpi:int=150) -> tuple[Path, Path
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     png, svg = stem.with_name(stem.name + '.png'), stem.with_name(stem.name + '.svg')
-    fig.savefig(png, dpi=dpi, bbox_inches='tight'); fig.savefig(svg, bbox_inches='tight')
+    fig.savefig(png, dpi=dpi, bbox_inches='tight')
+    with plt.rc_context({'svg.hashsalt': 'seqcircuits'}):  # no date, fixed ids: the same figure gives the same bytes
+        fig.savefig(svg, bbox_inches='tight', metadata={'Date': None})
     return png, svg
 
 # %% ../nbs/05_graphs.ipynb #31e1d3b0

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versions
+from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versions, study_lock, file_sha256
 from .knockout import KNOCKOUT_STAGE, DROPS_STAGE
 from .patching import EDGES_STAGE
 from .compare import COMPARE_STAGE
@@ -33,10 +33,13 @@ def write_report(out:str|Path, # the study folder
                 ) -> Path:
     "Build `out/index.html` from the files the stages wrote (each finished stage's `html` section); return its path."
     out = Path(out)
-    study = Study(out, StudySettings.from_dict(json.loads((out/'settings.json').read_text())))
-    st, E = study.settings, html.escape
-    vf = out/'versions.json'
-    if not vf.exists(): vf.write_text(json.dumps(versions(), indent=1))
+    study = Study.open(out)
+    with study_lock(out): return _write_report(study, stages)
+
+def _write_report(study:Study, stages:Sequence[Stage]) -> Path:
+    st, E, out = study.settings, html.escape, study.out
+    vf, rec = out/'versions.json', study.manifest['files'].get('versions.json')
+    if not (rec and vf.is_file() and file_sha256(vf) == rec): study.write_file('versions.json', json.dumps(versions(), indent=1))
     vers = json.loads(vf.read_text())
     def section(s:Stage, task:str|None, h:str) -> list[str]:
         return ([f"<{h}>{E(s.title)}</{h}>"] if s.title else []) + [s.html(study, task)]
@@ -58,6 +61,4 @@ def write_report(out:str|Path, # the study folder
               f"<p>Total: {sum(x['seconds'] for x in times):.1f} s.</p>",
               "<h3>Versions</h3>", html_table(pd.DataFrame([vers]).T.reset_index().set_axis(['package', 'version'], axis=1)),
               "</body></html>"]
-    p = out/'index.html'
-    p.write_text('\n'.join(parts))
-    return p
+    return study.write_file('index.html', '\n'.join(parts))

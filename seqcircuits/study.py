@@ -4,25 +4,30 @@
 
 # %% ../nbs/06_study.ipynb #ea9589c9
 from __future__ import annotations
-import json, os, shutil, time, platform, html
-from dataclasses import dataclass, asdict
-from pathlib import Path
+import json, os, shutil, time, platform, html, hashlib, warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, asdict, fields
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
+
+try: import fcntl
+except ImportError: fcntl = None  # Windows: no lock (see `study_lock`)
 
 import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
 import seqcircuits
-from .core import Circuit, PromptSet, concat_prompts, lookup
-from .model import load_model
+from .core import Circuit, PromptSet, concat_prompts, lookup, check_threshold, check_count
+from .model import load_model, weights_fingerprint, config_fingerprint
 from .metrics import get_metric
 from .ablation import Ablation, AblationKind, compute_ablation
 from .data import make_prompts, filter_prompts, get_task, get_template
 
 # %% auto #0
-__all__ = ['PROMPTS_STAGE', 'StudySettings', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts', 'html_prompts',
-           'versions', 'run_study']
+__all__ = ['MANIFEST', 'LOCK', 'DONE', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256', 'StudyWarning', 'StudyLockedError',
+           'study_lock', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts', 'html_prompts', 'versions',
+           'run_study']
 
 # %% ../nbs/06_study.ipynb #132ddb06
 @dataclass(frozen=True)
@@ -41,28 +46,117 @@ class StudySettings:
     def __post_init__(self):
         object.__setattr__(self, 'tasks', tuple(self.tasks))
         object.__setattr__(self, 'templates', tuple(self.templates))
-        if not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1] (a fraction of the full model's metric); got {self.threshold}.")
+        object.__setattr__(self, 'threshold', check_threshold(self.threshold))
+        object.__setattr__(self, 'n_prompts', check_count(self.n_prompts, 'n_prompts'))
+        object.__setattr__(self, 'seed', check_count(self.seed, 'seed', least=-2**63))
         if not self.tasks: raise ValueError("A study needs at least one task.")
+        if not self.templates: raise ValueError("A study needs at least one template.")
         for t in self.tasks: get_task(t)
         for t in self.templates: get_template(t)
         get_metric(self.metric)
         lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'one of these names')
-        per = self.n_prompts // max(len(self.templates), 1)
+        per = self.n_prompts // len(self.templates)
         if per * len(self.templates) != self.n_prompts or per < 8 or per % 8:
             raise ValueError(f"n_prompts={self.n_prompts} must split evenly over {len(self.templates)} template(s) and "
                              f"8 start members: use a multiple of {8*len(self.templates)} (e.g. {8*len(self.templates)*64}).")
 
     def to_dict(self) -> dict: return asdict(self) | {'tasks': list(self.tasks), 'templates': list(self.templates)}
     @classmethod
-    def from_dict(cls, d:dict) -> StudySettings: return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def from_dict(cls, d:dict) -> StudySettings:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown: raise ValueError(f"Unknown study settings {unknown}: the settings are {[f.name for f in fields(cls)]}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+# %% ../nbs/06_study.ipynb #b439cd47
+MANIFEST = 'study.json' # the study's record of every file and folder it wrote (and its settings and model)
+LOCK = 'study.lock' # held by the run that is using the folder (its pid inside)
+DONE = 'done.json' # a finished stage's record: its summary, time, files with checksums, weights and inputs
+_OWN = {MANIFEST, LOCK, MANIFEST + '.partial'} # the study's bookkeeping files, which a new study may find
+
+def file_sha256(path:str|Path) -> str:
+    "The sha256 of a file's bytes (read in 1 MiB blocks)."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
+# %% ../nbs/06_study.ipynb #9f0eca59
+class StudyWarning(UserWarning):
+    "Something in a study folder was damaged or changed and has been repaired (the command line prints these)."
+
+class StudyLockedError(RuntimeError):
+    "Another process holds the study folder's lock."
+
+# %% ../nbs/06_study.ipynb #a682db93
+_HELD: dict[str, list] = {} # study folder -> [lock file descriptor, depth] for the locks this process holds
+
+def _holder(fd:int) -> str:
+    try: return os.pread(fd, 64, 0).decode(errors='replace').split()[0]
+    except (OSError, IndexError): return 'unknown'
+
+@contextmanager
+def study_lock(out:str|Path, # an existing study folder
+              ):
+    "Hold the folder's lock (`study.lock`) while inside: a second process gets `StudyLockedError` naming the holder's pid at once; re-entrant within one process."
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try: yield
+        finally: _HELD[key][1] -= 1
+        return
+    if fcntl is None:
+        warnings.warn("No file locks on this system (no fcntl): two runs on one study folder are not kept apart.", StudyWarning)
+        yield; return
+    path = out/LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder(fd); os.close(fd)
+            raise StudyLockedError(f"another seqcircuits run (pid {pid}) is using {str(out)!r}: wait for it to finish, "
+                                   f"or choose another --out.") from None
+        # the file may have been removed (and made anew) between open and flock: hold the lock of the one at `path`
+        try: same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError: same = False
+        if same: break
+        os.close(fd)
+    pid = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, pid, 0); os.ftruncate(fd, len(pid))
+    _HELD[key] = [fd, 1]
+    try: yield
+    finally:
+        del _HELD[key]
+        fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
 # %% ../nbs/06_study.ipynb #e8ef9966
+def _rel(rel:str, where:Path) -> str:
+    "A path recorded in the manifest: relative, inside the study folder (else the manifest is damaged)."
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or '..' in p.parts or '\\' in rel:
+        raise ValueError(f"{where} records the path {rel!r}, which is not inside the study folder: the file is damaged or "
+                         f"was edited. Move the folder away (or delete it) and run again.")
+    return rel
+
+def _digest(files:dict) -> str:
+    "A stage's content digest: the hash of its files' checksums (what a later stage's record of its inputs holds)."
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
 class Study:
-    "A study's output folder: settings, the model (loaded on first use), and each stage's saved results."
+    "A study's output folder: settings, the model (loaded on first use), each stage's saved results, and the manifest of what it wrote."
     def __init__(self, out:str|Path, settings:StudySettings, model:HookedTransformer|None=None, progress:bool=True):
         self.out, self.settings, self._model, self.progress = Path(out), settings, model, progress
-        self._cache: dict = {}
+        self._cache, self._checked, self._manifest = {}, {}, None
+
+    @classmethod
+    def open(cls, out:str|Path, progress:bool=True) -> Study:
+        "The study in folder `out`, with the settings its manifest records."
+        st = cls(out, StudySettings(), progress=progress)
+        m = st.manifest
+        if m is None: raise FileNotFoundError(f"{str(out)!r} is not a seqcircuits study (it has no {MANIFEST}).")
+        try: st.settings = StudySettings.from_dict(m['settings'])
+        except (TypeError, ValueError) as e: raise ValueError(f"{st.out/MANIFEST} holds settings that are not valid: {e}") from None
+        return st
 
     @property
     def model(self) -> HookedTransformer:
@@ -70,20 +164,90 @@ class Study:
         if self._model is None: self._model = load_model(self.settings.model, device=self.settings.device)
         return self._model
 
+    # --- the manifest: every file and folder the study wrote
+    @property
+    def manifest(self) -> dict|None:
+        "The study's record (`study.json`): settings, model fingerprints, files with checksums, folders; None if the folder has none."
+        if self._manifest is None and (self.out/MANIFEST).exists(): self._manifest = self._read_manifest()
+        return self._manifest
+    def _read_manifest(self) -> dict:
+        p = self.out/MANIFEST
+        bad = (f"{p} (the study's record of the files it wrote) is damaged", "the study can no longer tell its files from "
+               "others. Move the folder away (or delete it) and run again")
+        try: m = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{bad[0]} ({e}): {bad[1]}.") from None
+        if not (isinstance(m, dict) and m.get('format') == 'seqcircuits-study' and isinstance(m.get('files'), dict)
+                and isinstance(m.get('folders'), list) and isinstance(m.get('scratch'), list) and isinstance(m.get('settings'), dict)
+                and isinstance(m.get('model'), dict)):
+            raise ValueError(f"{bad[0]} (not a seqcircuits study record): {bad[1]}.")
+        for k in [*m['files'], *m['folders'], *m['scratch']]: _rel(k, p)
+        return m
+    def _save_manifest(self):
+        "Write the manifest atomically (a killed run leaves the old one or the new one, never half of one)."
+        tmp = self.out/(MANIFEST + '.partial')
+        tmp.write_text(json.dumps(self._manifest, indent=1, sort_keys=True))
+        os.replace(tmp, self.out/MANIFEST)
+    def _owned(self, rel:str) -> bool:
+        m = self.manifest
+        return m is not None and (rel in m['files'] or rel in m['folders'] or rel in m['scratch'])
+    def write_file(self, rel:str, # path inside the study folder, e.g. 'index.html'
+                   text:str) -> Path:
+        "Write a study file and record it in the manifest (a file there that the study did not write is never replaced)."
+        p = self.out/rel
+        if p.exists() and not self._owned(rel):
+            raise FileExistsError(f"{p} is not the study's (the study did not write it): move it away and run again.")
+        self.manifest['files'][rel] = hashlib.sha256(text.encode()).hexdigest()
+        self._save_manifest()
+        p.write_text(text)
+        return p
+
     def stage_dir(self, stage:str, task:str|None=None) -> Path:
         "The folder of `stage`'s results for `task` (`_all` for a stage run once for the whole study)."
         return self.out/(task or '_all')/stage
+    def _key(self, stage:str, task:str|None) -> str: return f"{task or '_all'}/{stage}"
+
+    def check_stage(self, stage:str, task:str|None=None) -> str|None:
+        "None if `stage` finished for `task` and its record and files are intact; else why not ('' if it never finished)."
+        key = self._key(stage, task)
+        if key in self._checked: return self._checked[key]
+        d, m = self.stage_dir(stage, task), self.manifest
+        why = ''
+        if not (d/DONE).exists():
+            if m and any(k.startswith(key + '/') for k in m['files']): why = f"{DONE} is missing" if d.is_dir() else "its folder is missing"
+        else:
+            try: info = json.loads((d/DONE).read_text()); files = info['files']; assert isinstance(files, dict)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+                info, why = None, f"{DONE} is damaged (not a stage record)"
+            if info is not None:
+                why = None
+                if m and m['files'].get(f"{key}/{DONE}") != file_sha256(d/DONE): why = f"{DONE} changed since the stage wrote it"
+                for name, sha in files.items():
+                    if why: break
+                    p = d/_rel(name, d/DONE)
+                    if not p.is_file(): why = f"{name} is missing"
+                    elif file_sha256(p) != sha: why = f"{name} changed since the stage wrote it (checksum)"
+                if not why and m and info.get('weights') != m['model']['weights']:
+                    why = f"it was computed on other weights ({info.get('weights')}; the study's are {m['model']['weights']})"
+                for k, dig in (info.get('inputs') or {}).items():
+                    if why: break
+                    if self._stage_digest(k) != dig: why = f"{k}, which it may read, changed since"
+        self._checked[key] = why
+        return why
+    def _stage_digest(self, key:str) -> str|None:
+        try: return _digest(json.loads((self.out/_rel(key, self.out/MANIFEST)/DONE).read_text())['files'])
+        except (OSError, ValueError, KeyError, TypeError): return None
+
     def is_done(self, stage:str, task:str|None=None) -> bool:
-        "Whether `stage` finished for `task` (its folder holds `done.json`)."
-        return (self.stage_dir(stage, task)/'done.json').exists()
+        "Whether `stage` finished for `task` and its files are as it wrote them (checksums in its `done.json`)."
+        return self.check_stage(stage, task) is None
     def done_info(self, stage:str, task:str|None=None) -> dict:
-        "What a finished stage recorded: its time in seconds and its summary."
-        return json.loads((self.stage_dir(stage, task)/'done.json').read_text())
+        "What a finished stage recorded: its time in seconds, its summary, its files with checksums, the weights and its inputs."
+        return json.loads((self.stage_dir(stage, task)/DONE).read_text())
 
     # results of earlier stages, read back from their files (so a resumed run sees exactly what a fresh one did)
     def prompts(self, task:str) -> PromptSet:
         "The task's filtered prompt set, from the prompts stage."
-        k = ('prompts', task)
+        k = ('prompts', task, self._stage_digest(self._key('prompts', task)))  # a recomputed prompt set is read anew
         if k not in self._cache: self._cache[k] = PromptSet.from_json(self.stage_dir('prompts', task)/'prompts.json')
         return self._cache[k]
     def circuit(self, task:str, stage:str='knockout') -> Circuit:
@@ -91,7 +255,7 @@ class Study:
         return Circuit.from_json(self.stage_dir(stage, task)/'circuit.json')
     def ablation(self, task:str) -> Ablation:
         "The ablation of the study's kind on the task's prompts, computed once and shared by every stage."
-        k = ('ablation', task)
+        k = ('ablation', task, self._stage_digest(self._key('prompts', task)))
         if k not in self._cache: self._cache[k] = compute_ablation(self.model, self.prompts(task), self.settings.ablation)
         return self._cache[k]
 
@@ -148,56 +312,157 @@ def versions() -> dict:
             'platform': platform.platform()}
 
 # %% ../nbs/06_study.ipynb #52831a26
-def _check_out(out:Path, settings:StudySettings, overwrite:bool):
-    "Make `out` ready for a study with `settings`: created and writable, and refused if it holds another study (unless `overwrite`)."
+def _make_out(out:Path) -> list[Path]:
+    "Create `out` (and missing parents) if needed; return the folders created, outermost first."
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"Output folder {str(out)!r} is a file: choose another --out.")
+    made = [p for p in [out, *out.parents] if not p.exists()][::-1]
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise PermissionError(f"Cannot create the output folder {str(out)!r}: {e.strerror}. Choose another --out.") from None
     if not os.access(out, os.W_OK): raise PermissionError(f"Output folder {str(out)!r} is not writable: choose another --out.")
-    sf = out/'settings.json'
-    if sf.exists():
-        old = json.loads(sf.read_text())
-        if old != settings.to_dict():
-            if not overwrite:
-                diff = {k: (old.get(k), v) for k, v in settings.to_dict().items() if old.get(k) != v}
-                raise FileExistsError(f"{str(out)!r} holds a study with other settings {diff} (old, new). Use another "
-                                      f"output folder, or overwrite=True (--overwrite) to replace it.")
-            for p in out.iterdir():
-                if p.is_dir(): shutil.rmtree(p)
-                else: p.unlink()
+    return made
+
+def _refuse_foreign(out:Path):
+    "A folder that holds anything but a seqcircuits study is refused, untouched."
+    if (out/MANIFEST).exists(): return
+    other = sorted(p.name for p in out.iterdir() if p.name not in _OWN)
+    if other:
+        raise FileExistsError(f"{str(out)!r} is not empty and is not a seqcircuits study (it has no {MANIFEST}; it holds "
+                              f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): choose a new or empty folder for "
+                              f"--out. Nothing in it was changed.")
+
+# %% ../nbs/06_study.ipynb #1d6a5a3c
+def _remove_recorded(study:Study, prefix:str='') -> None:
+    "Delete what the manifest records under `prefix` (all of it for ''): scratch folders whole, files, then the folders it made if empty."
+    m, out = study.manifest, study.out
+    under = lambda k: not prefix or k == prefix or k.startswith(prefix + '/')
+    for k in [k for k in m['scratch'] if under(k)]:
+        shutil.rmtree(out/k, ignore_errors=True); m['scratch'].remove(k)
+    for k in [k for k in m['files'] if under(k)]:
+        p = out/k
+        if p.is_file() or p.is_symlink(): p.unlink()
+        del m['files'][k]
+    for k in sorted((k for k in m['folders'] if under(k)), key=lambda k: -k.count('/')):
+        try: (out/k).rmdir(); m['folders'].remove(k)
+        except FileNotFoundError: m['folders'].remove(k)
+        except OSError: pass  # it holds files the study did not write: they stay, and so does the folder
+    study._checked.clear()
+
+# %% ../nbs/06_study.ipynb #7f74cf75
+def _mkdirs(study:Study, d:Path):
+    "Make folder `d` inside the study (and its parents), recording those it creates."
+    missing = [p for p in [d, *d.parents] if not p.exists()][::-1]
+    for p in missing:
+        p.mkdir()
+        study.manifest['folders'].append(p.relative_to(study.out).as_posix())
+
+def _run_stage(study:Study, stage:Stage, task:str|None, inputs:dict) -> dict:
+    "Run one stage into `<stage>.partial`, record its files with checksums (`done.json`, the manifest), then move it into place."
+    m, key = study.manifest, study._key(stage.name, task)
+    final = study.stage_dir(stage.name, task)
+    tmp, tkey = final.with_name(final.name + '.partial'), key + '.partial'
+    if tmp.exists() and tkey not in m['scratch']:
+        raise FileExistsError(f"{tmp} is not the study's (the study did not make it): move it away and run again.")
+    _remove_recorded(study, key)                    # the study's old files of this stage (a user's files stay)
+    if tkey in m['scratch']: shutil.rmtree(tmp, ignore_errors=True)
+    else: m['scratch'].append(tkey)
+    _mkdirs(study, tmp.parent); study._save_manifest()
+    tmp.mkdir()
+    t0 = time.perf_counter()
+    summary = stage.run(study, task, tmp)
+    seconds = round(time.perf_counter() - t0, 2)
+    if (tmp/DONE).exists(): raise ValueError(f"Stage {stage.name!r} wrote {DONE}, the name the study keeps for its record: rename that file.")
+    files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob('*')) if p.is_file()}
+    subdirs = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob('*') if p.is_dir())
+    info = {'stage': stage.name, 'task': task, 'seconds': seconds, 'summary': summary, 'files': files,
+            'weights': m['model']['weights'], 'inputs': inputs}
+    (tmp/DONE).write_text(json.dumps(info, indent=1, default=str))
+    clash = [n for n in [*files, DONE] if (final/n).exists()] if final.exists() else []
+    if clash: raise FileExistsError(f"{final/clash[0]} is not the study's (the study did not write it): move it away and run again.")
+    if not final.exists(): m['folders'].append(key)
+    m['folders'] += [f"{key}/{s}" for s in subdirs if not (final/s).exists()]
+    m['files'].update({f"{key}/{n}": sha for n, sha in files.items()} | {f"{key}/{DONE}": file_sha256(tmp/DONE)})
+    study._save_manifest()
+    if not final.exists(): tmp.rename(final)
+    else:  # the folder holds files of the user's: put the stage's files beside them, its record last
+        for s in subdirs: (final/s).mkdir(exist_ok=True)
+        for n in [*files, DONE]: os.replace(tmp/n, final/n)
+        shutil.rmtree(tmp)
+    m['scratch'].remove(tkey); study._save_manifest()
+    study._checked.pop(key, None)
+    return info
+
+# %% ../nbs/06_study.ipynb #93268b89
+def _run_locked(study:Study, stages:Sequence[Stage], overwrite:bool, on_stage, after):
+    "The body of `run_study`, holding the folder's lock."
+    out, settings = study.out, study.settings
+    model = study.model  # load it now: a model that cannot be loaded fails before anything is written
+    fp = {'name': settings.model, 'config': config_fingerprint(model.cfg), 'weights': weights_fingerprint(model)}
+    m = study.manifest
+    if m is not None:
+        diff = {k: (m['settings'].get(k), v) for k, v in settings.to_dict().items() if m['settings'].get(k) != v}
+        other = m.get('model', {}).get('weights') != fp['weights']
+        if (diff or other) and not overwrite:
+            what = (f"a study with other settings {diff} (old, new)" if diff else
+                    f"results of other weights of {settings.model!r} (fingerprint {m.get('model', {}).get('weights')}; "
+                    f"the model's weights are now {fp['weights']}: they changed since)")
+            raise FileExistsError(f"{str(out)!r} holds {what}. Use another output folder, or overwrite=True (--overwrite) to "
+                                  f"replace it (only the study's own files are removed).")
+        if diff or other: _remove_recorded(study)
+    if m is None or diff or other:
+        study._manifest = {'format': 'seqcircuits-study', 'version': 1, 'files': {}, 'scratch': [],
+                           'folders': [] if m is None else m['folders']}
+    study.manifest.update(settings=settings.to_dict(), model=fp)
+    study._save_manifest()
+    text = json.dumps(settings.to_dict(), indent=1)
+    sf, rec = out/'settings.json', study.manifest['files'].get('settings.json')
+    if rec and (not sf.is_file() or file_sha256(sf) != rec):
+        warnings.warn(f"settings.json was {'missing' if not sf.is_file() else 'damaged or edited'}: written again from "
+                      f"the study's record ({MANIFEST}).", StudyWarning)
+    if not sf.is_file() or file_sha256(sf) != hashlib.sha256(text.encode()).hexdigest(): study.write_file('settings.json', text)
+    order = [(s, t) for s in stages for t in (settings.tasks if s.per_task else [None])]
+    for i, (stage, task) in enumerate(order):
+        why = study.check_stage(stage.name, task)
+        if why is None:
+            if on_stage: on_stage(stage.name, task, study.done_info(stage.name, task) | {'resumed': True})
+            continue
+        if why: warnings.warn(f"{study._key(stage.name, task)}: {why}; computing the stage again.", StudyWarning)
+        inputs = {study._key(s.name, t): study._stage_digest(study._key(s.name, t)) for s, t in order[:i]}
+        info = _run_stage(study, stage, task, inputs)
+        if on_stage: on_stage(stage.name, task, info)
+    if after: after(out)
 
 # %% ../nbs/06_study.ipynb #46c35b46
 def run_study(settings:StudySettings, # what to run
-              out:str|Path, # output folder
+              out:str|Path, # output folder: new, empty, or a study made by an earlier run
               stages:Sequence[Stage], # the stages, in order (`seqcircuits.report.STAGES`: the whole study)
-              overwrite:bool=False, # replace a study with other settings in `out`
+              overwrite:bool=False, # replace a study with other settings or another model's weights in `out` (only the study's own files go)
               model:HookedTransformer|None=None, # an already loaded model (else `settings.model` is loaded)
               progress:bool=True, # show a progress bar per stage
               on_stage:Callable[[str, str|None, dict], None]|None=None, # called after each stage (name, task, done info)
+              after:Callable[[Path], object]|None=None, # called with `out` at the end, still holding the lock (e.g. `write_report`)
              ) -> Path:
     "Run (or resume) `stages` of the study in `out`, each saved into its own folder when it finishes; return `out`."
     out = Path(out)
     if settings.device.startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={settings.device!r} was asked for but no CUDA GPU is available here; use --device cpu.")
-    _check_out(out, settings, overwrite)
-    study = Study(out, settings, model, progress)
-    study.model  # load it now: a model that cannot be loaded fails before anything is written
-    (out/'settings.json').write_text(json.dumps(settings.to_dict(), indent=1))
-    for stage in stages:
-        for task in (settings.tasks if stage.per_task else [None]):
-            final = study.stage_dir(stage.name, task)
-            if study.is_done(stage.name, task):
-                if on_stage: on_stage(stage.name, task, study.done_info(stage.name, task) | {'resumed': True})
-                continue
-            tmp = final.with_name(final.name + '.partial')
-            if tmp.exists(): shutil.rmtree(tmp)
-            if final.exists(): shutil.rmtree(final)
-            tmp.mkdir(parents=True)
-            t0 = time.perf_counter()
-            summary = stage.run(study, task, tmp)
-            info = {'stage': stage.name, 'task': task, 'seconds': round(time.perf_counter() - t0, 2), 'summary': summary}
-            (tmp/'done.json').write_text(json.dumps(info, indent=1, default=str))
-            tmp.rename(final)
-            if on_stage: on_stage(stage.name, task, info)
+    made = _make_out(out)
+    try:
+        _refuse_foreign(out)
+        with study_lock(out):
+            study = Study(out, settings, model, progress)
+            fresh = study.manifest is None
+            try:
+                _run_locked(study, stages, overwrite, on_stage, after)
+            except BaseException:
+                m = study.manifest  # a new study that finished no stage leaves nothing behind
+                if fresh and not (m and any(k.endswith('/' + DONE) for k in m['files'])):
+                    if m: _remove_recorded(study)
+                    for n in _OWN: (out/n).unlink(missing_ok=True)
+                raise
+    except BaseException:
+        for d in reversed(made):  # and no folder it made for it
+            try: d.rmdir()
+            except OSError: break
+        raise
     return out

@@ -18,7 +18,7 @@ def results(out: Path) -> dict:
     "Every result file of a study except timings, as text (done.json minus seconds)."
     res = {}
     for p in sorted(out.rglob('*')):
-        if p.is_dir() or p.suffix in ('.png', '.svg') or p.name in ('index.html', 'versions.json'): continue
+        if p.is_dir() or p.suffix in ('.png', '.svg') or p.name in ('index.html', 'versions.json', 'study.json', 'study.lock'): continue
         rel = str(p.relative_to(out))
         if p.name == 'done.json':
             d = json.loads(p.read_text()); d.pop('seconds'); res[rel] = d
