@@ -223,8 +223,10 @@ class Study:
                 if m and m['files'].get(f"{key}/{DONE}") != file_sha256(d/DONE): why = f"{DONE} changed since the stage wrote it"
                 for name, sha in files.items():
                     if why: break
-                    p = d/_rel(name, d/DONE)
-                    if not p.is_file(): why = f"{name} is missing"
+                    p = d/name
+                    if not isinstance(sha, str) or PurePosixPath(name).is_absolute() or '..' in PurePosixPath(name).parts:
+                        why = f"{DONE} is damaged (it lists {name!r})"
+                    elif not p.is_file(): why = f"{name} is missing"
                     elif file_sha256(p) != sha: why = f"{name} changed since the stage wrote it (checksum)"
                 if not why and m and info.get('weights') != m['model']['weights']:
                     why = f"it was computed on other weights ({info.get('weights')}; the study's are {m['model']['weights']})"
@@ -325,7 +327,7 @@ def _make_out(out:Path) -> list[Path]:
 def _refuse_foreign(out:Path):
     "A folder that holds anything but a seqcircuits study is refused, untouched."
     if (out/MANIFEST).exists(): return
-    other = sorted(p.name for p in out.iterdir() if p.name not in _OWN)
+    other = sorted(p.name for p in out.iterdir() if p.name not in _OWN | {'.DS_Store', 'Thumbs.db', 'desktop.ini'})
     if other:
         raise FileExistsError(f"{str(out)!r} is not empty and is not a seqcircuits study (it has no {MANIFEST}; it holds "
                               f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): choose a new or empty folder for "
@@ -395,20 +397,18 @@ def _run_stage(study:Study, stage:Stage, task:str|None, inputs:dict) -> dict:
 # %% ../nbs/06_study.ipynb #93268b89
 def _run_locked(study:Study, stages:Sequence[Stage], overwrite:bool, on_stage, after):
     "The body of `run_study`, holding the folder's lock."
-    out, settings = study.out, study.settings
+    out, settings, m = study.out, study.settings, study.manifest
+    refuse = lambda what: FileExistsError(f"{str(out)!r} holds {what}. Use another output folder, or overwrite=True "
+                                          f"(--overwrite) to replace it (only the study's own files are removed).")
+    diff = {} if m is None else {k: (m['settings'].get(k), v) for k, v in settings.to_dict().items() if m['settings'].get(k) != v}
+    if diff and not overwrite: raise refuse(f"a study with other settings {diff} (old, new)")
     model = study.model  # load it now: a model that cannot be loaded fails before anything is written
     fp = {'name': settings.model, 'config': config_fingerprint(model.cfg), 'weights': weights_fingerprint(model)}
-    m = study.manifest
-    if m is not None:
-        diff = {k: (m['settings'].get(k), v) for k, v in settings.to_dict().items() if m['settings'].get(k) != v}
-        other = m.get('model', {}).get('weights') != fp['weights']
-        if (diff or other) and not overwrite:
-            what = (f"a study with other settings {diff} (old, new)" if diff else
-                    f"results of other weights of {settings.model!r} (fingerprint {m.get('model', {}).get('weights')}; "
-                    f"the model's weights are now {fp['weights']}: they changed since)")
-            raise FileExistsError(f"{str(out)!r} holds {what}. Use another output folder, or overwrite=True (--overwrite) to "
-                                  f"replace it (only the study's own files are removed).")
-        if diff or other: _remove_recorded(study)
+    other = m is not None and m['model'].get('weights') != fp['weights']
+    if other and not overwrite:
+        raise refuse(f"results of other weights of {settings.model!r} (fingerprint {m['model'].get('weights')}; the model's "
+                     f"weights are now {fp['weights']}: they changed since)")
+    if diff or other: _remove_recorded(study)
     if m is None or diff or other:
         study._manifest = {'format': 'seqcircuits-study', 'version': 1, 'files': {}, 'scratch': [],
                            'folders': [] if m is None else m['folders']}
