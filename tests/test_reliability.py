@@ -14,6 +14,7 @@ from seqcircuits.knockout import find_circuit, drop_table, KNOCKOUT_STAGE
 from seqcircuits.patching import find_edges
 from seqcircuits.study import StudySettings, Study, Stage, run_study, PROMPTS_STAGE
 from seqcircuits.cli import main
+from test_study import results  # every result file of a study, as text (done.json minus its time)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg', 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1',
@@ -87,6 +88,7 @@ while not go.exists(): time.sleep(0.02)
 sys.exit(main(sys.argv[2:]))
 """
 
+@pytest.mark.slow  # three processes, each importing torch
 def test_3_concurrent_runs_are_refused_by_the_lock(tmp_path, capsys):
     out, go = tmp_path/'study', tmp_path/'go'
     start = lambda *a: subprocess.Popen([sys.executable, *a], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,17 +233,6 @@ def test_8_find_edges_threshold_range(organism, ps, bad):
 
 
 # --- 9. damaged stage files are named and recomputed -----------------------------------------------------------
-def results(out: Path) -> dict:
-    "Every result file except timings and figures, as text (done.json minus seconds)."
-    res = {}
-    for p in sorted(out.rglob('*')):
-        if p.is_dir() or p.suffix in ('.png', '.svg') or p.name in ('index.html', 'versions.json', 'study.json', 'study.lock'): continue
-        rel = str(p.relative_to(out))
-        if p.name == 'done.json':
-            d = json.loads(p.read_text()); d.pop('seconds'); res[rel] = d
-        else: res[rel] = p.read_text()
-    return res
-
 def test_9_damaged_stage_files_are_named_and_recomputed(tmp_path, capsys):
     out = tmp_path/'study'
     rc, _, err = run_main([*TINY, '--out', out], capsys)
