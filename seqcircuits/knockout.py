@@ -165,6 +165,12 @@ class NodeScorer:
         S = frozenset(check_nodes(self.model, removed))
         return self.metric.score(self._value([self._logits_ref(c, S) for c in self.chunks]), self.full)
 
+    @torch.no_grad()
+    def logits(self, removed:Iterable[Node]) -> Tensor:
+        "The final-position logits [batch, d_vocab] of every prompt with `removed` ablated (by the fast path when it is on)."
+        S = frozenset(check_nodes(self.model, removed))
+        return torch.cat([self._logits_fast(c, S) if self.fast else self._logits_ref(c, S) for c in self.chunks])
+
     def set_base(self, removed:Iterable[Node]):
         "Move the cache to a new base set of removed components (only what changed is recomputed, when needed)."
         B = frozenset(removed)

@@ -19,6 +19,7 @@ from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.utilities import apply_softcap as tl_apply_softcap
 from transformer_lens.utilities.attention import simple_attn_linear as tl_attn_linear
 from transformer_lens.components import LayerNorm as tl_LayerNorm, LayerNormPre as tl_LayerNormPre
+from transformer_lens.components import RMSNorm as tl_RMSNorm, RMSNormPre as tl_RMSNormPre
 try: from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES as _POST_NORM
 except ImportError: _POST_NORM = ()
 
@@ -29,8 +30,9 @@ __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook
            'config_fingerprint', 'available_memory', 'check_prompts', 'resid_at', 'logits_from', 'apply_norm',
            'unembed', 'final_logits', 'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in', 'mlp_of',
            'attn_half', 'mlp_half', 'mid_hook', 'edge_hooks_enabled', 'head_contribution', 'node_contribution',
-           'attn_out_bias', 'heads_out', 'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model',
-           'organism_dir', 'save_model', 'ModelUnavailableError', 'pretrained_names', 'load_model']
+           'attn_out_bias', 'heads_out', 'resid_points', 'FinalNorm', 'final_norm', 'unembed_weights',
+           'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
+           'ModelUnavailableError', 'pretrained_names', 'load_model']
 
 # %% ../nbs/02_model.ipynb #0a29c949
 def act_name(name:str, layer:int|None=None) -> str:
@@ -246,6 +248,44 @@ def heads_out(model:HookedTransformer, layer:int, heads:Sequence[int], q_in:Floa
     pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern).to(v.dtype)
     z = attn.calculate_z_scores(v, pattern)
     return torch.einsum('bphe,hed->bphd' if per_head else 'bphe,hed->bpd', z, head_out_weights(model, layer)[hs])
+
+# %% ../nbs/02_model.ipynb #3248908a
+def resid_points(model:HookedTransformer) -> list[tuple[int, str, str]]:
+    "Where the residual stream can be read, in forward order: `(layer, after, hook)`, `after` being 'embed' (layer -1), 'attn' or 'mlp' ('block' for a parallel block)."
+    cfg, pts = model.cfg, [(-1, 'embed', act_name('resid_pre', 0))]
+    for l in range(cfg.n_layers):
+        if cfg.attn_only: pts.append((l, 'attn', act_name('resid_post', l)))
+        elif cfg.parallel_attn_mlp: pts.append((l, 'block', act_name('resid_post', l)))
+        else: pts += [(l, 'attn', act_name('resid_mid', l)), (l, 'mlp', act_name('resid_post', l))]
+    return pts
+
+# %% ../nbs/02_model.ipynb #a2a23705
+@dataclasses.dataclass(frozen=True, eq=False)
+class FinalNorm:
+    "The final norm as a map that is linear once its scale is known: `x -> (x - mean(x) if center) / scale * w + b`."
+    scale_hook: str|None # hook of the scale [batch pos 1]; None when the model has no final norm (scale 1)
+    center: bool # subtract the mean over d_model first (LayerNorm) or not (RMSNorm)
+    w: Tensor|None # the weight (None: 1, as in LayerNormPre)
+    b: Tensor|None # the bias (None: 0)
+
+def final_norm(model:HookedTransformer) -> FinalNorm:
+    "The model's final norm as a `FinalNorm`; a clear error when the model has no final norm module it can read."
+    nt = model.cfg.normalization_type
+    if nt is None: return FinalNorm(None, False, None, None)
+    ln = getattr(model, 'ln_final', None)
+    if ln is None:
+        raise ValueError(f"The model's config says normalization_type={nt!r} but the model has no final norm (ln_final): "
+                         f"its logits cannot be read from the residual stream; rebuild it with a final norm or normalization_type=None.")
+    if isinstance(ln, (tl_LayerNorm, tl_LayerNormPre)): center = True
+    elif isinstance(ln, (tl_RMSNorm, tl_RMSNormPre)): center = False
+    else:
+        raise ValueError(f"The model's final norm is a {type(ln).__name__}, not TransformerLens's LayerNorm, LayerNormPre, "
+                         f"RMSNorm or RMSNormPre: its scale cannot be read, so logits cannot be split into per-component terms.")
+    return FinalNorm('ln_final.hook_scale', center, getattr(ln, 'w', None), getattr(ln, 'b', None))
+
+def unembed_weights(model:HookedTransformer) -> tuple[Float[Tensor, "d_model d_vocab_out"], Float[Tensor, "d_vocab_out"]]:
+    "W_U and b_U: the logits are `final_norm(resid) @ W_U + b_U` (before any soft cap)."
+    return model.unembed.W_U, model.unembed.b_U
 
 # %% ../nbs/02_model.ipynb #0d86e115
 def positional_weights(model:HookedTransformer) -> Tensor:

@@ -24,6 +24,8 @@ from .data import make_prompts, filter_prompts, get_task, get_template, TASKS, T
 from .knockout import find_circuit, drop_table, plot_drops, top_drops
 from .patching import find_edges
 from .graphs import plot_circuit, plot_circuits, save_figure
+from .mlps import run_mlps, html_mlps, run_mlps_tasks, html_mlps_tasks
+from .lens import run_lens, html_lens, run_dla, html_dla, run_lens_tasks, html_lens_tasks
 
 # %% auto #0
 __all__ = ['STAGES', 'StudySettings', 'Study', 'Stage', 'run_study', 'versions', 'write_report']
@@ -99,6 +101,7 @@ class Stage:
     run: Callable[[Study, str|None, Path], dict] # does the work
     per_task: bool = True # once per task, or once for the whole study
     title: str = '' # heading in the report
+    html: Callable[[Study, str|None], str]|None = None # its report section, read back from its files (None: written below)
 
 def _fig(fig, folder:Path, stem:str) -> str:
     save_figure(fig, folder/stem); plt.close(fig)
@@ -178,7 +181,12 @@ STAGES = [
     Stage('knockout', _stage_knockout, title='Knockout circuit (heads and MLPs)'),
     Stage('edges', _stage_edges, title='Edges (path patching)'),
     Stage('drops', _stage_drops, title='Drop tables'),
+    Stage('mlps', run_mlps, html=html_mlps, title='MLP analysis'),
+    Stage('lens', run_lens, html=html_lens, title='Logit lens'),
+    Stage('dla', run_dla, html=html_dla, title='Direct logit attribution'),
     Stage('compare', _stage_compare, per_task=False, title='Cross-task comparison'),
+    Stage('mlps_tasks', run_mlps_tasks, per_task=False, html=html_mlps_tasks, title='MLPs across tasks'),
+    Stage('lens_tasks', run_lens_tasks, per_task=False, html=html_lens_tasks, title='Logit lens and DLA across tasks'),
 ]
 
 # %% ../nbs/08_report.ipynb #c43b324f
@@ -279,6 +287,8 @@ def write_report(out:str|Path, stages:Sequence[Stage]=STAGES) -> Path:
                   _table(on_other, index=True),
                   "<h3>Overlap</h3>", _table(pd.read_csv(d/'overlap.csv')),
                   f"<p>Shared by all tasks: {E(Circuit.from_json(d/'shared.json').summary())}</p>"]
+    study = Study(out, st)  # for the stages' own sections (they read their files; the model is not loaded)
+    parts += [s.html(study, None) for s in stages if s.html and not s.per_task and done(s.name, None)]
     for t in st.tasks:
         parts.append(f"<h2>Task: {E(t)}</h2>")
         if done('prompts', t):
@@ -302,6 +312,7 @@ def write_report(out:str|Path, stages:Sequence[Stage]=STAGES) -> Path:
                 parts += [f"<div><h4>One component {what}</h4>", _img(f'{t}/drops/drops_from_{label}.png', what),
                           _table(top_drops(df, 10)), "</div>"]
             parts.append("</div>")
+        parts += [s.html(study, t) for s in stages if s.html and s.per_task and done(s.name, t)]
     times = [{'stage': s.name, 'task': t or 'all', 'seconds': info(s.name, t)['seconds']}
              for s in stages for t in (st.tasks if s.per_task else [None]) if done(s.name, t)]
     parts += ["<h2>Run</h2><h3>Settings</h3>", _table(pd.DataFrame([st.to_dict()]).T.reset_index().set_axis(['setting', 'value'], axis=1)),
