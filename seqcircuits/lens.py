@@ -226,13 +226,13 @@ def member_before_answer(result:LensResult, # from `logit_lens`
                       'other_just_before': share(before == PredictionKind.OTHER.value),
                       'member_at_some_earlier_layer': share(any_member)}, name=result.task)
 
-# %% ../nbs/07c_lens.ipynb #b2065be8
+# %% ../nbs/07c_lens.ipynb #38983775
 def plot_lens(results:Sequence[LensResult], # lens results of the same prompts (e.g. full model and circuit)
               title:str|None=None) -> plt.Figure:
     "Three panels: the answer's mean probability and top-1 share per point (one line per result); the kinds of top-1 token per point (first result); the first layer at which the answer is top-1 (one bar per result)."
     if not results: raise ValueError("plot_lens needs at least one lens result.")
     r0 = results[0]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(max(11.0, 0.75 * len(r0.points) + 8), 3.3), layout='constrained',
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(max(11.0, 0.75 * len(r0.points) + 8), 4.0), layout='constrained',
                                   gridspec_kw=dict(width_ratios=[len(r0.points), len(r0.points), r0.block_end.sum() + 1]))
     x = np.arange(len(r0.points))
     for r, color in zip(results, plt.rcParams['axes.prop_cycle'].by_key()['color']):
@@ -246,12 +246,13 @@ def plot_lens(results:Sequence[LensResult], # lens results of the same prompts (
         ax.set(xticks=x, ylim=(0, 1.02)); ax.set_xticklabels(r0.labels, rotation=90, fontsize=7)
         for i in np.flatnonzero(r0.block_end)[1:-1]: ax.axvline(i + 0.5, color='#cccccc', lw=0.8, zorder=0)
     a.set(ylabel='mean over prompts', title='the answer'); b.set(title=f'top-1 token ({r0.what})')
-    a.legend(fontsize=7, frameon=False); b.legend(fontsize=7, frameon=False)
+    below = dict(fontsize=7, frameon=False, loc='upper center', bbox_to_anchor=(0.5, -0.3), ncol=2)
+    a.legend(**below); b.legend(**below)
     counts = first_correct_counts({r.what: r for r in results})
     w, xc = 0.8 / counts.shape[1], np.arange(len(counts))
     for j, (name, col) in enumerate(counts.items()): c.bar(xc + (j - (counts.shape[1] - 1) / 2) * w, col.values, w, label=name)
     c.set(xticks=xc, ylim=(0, 1.02), title='first layer the answer is top-1', ylabel='share of prompts')
-    c.set_xticklabels(counts.index, rotation=90, fontsize=7); c.legend(fontsize=7, frameon=False)
+    c.set_xticklabels(counts.index, rotation=90, fontsize=7); c.legend(**below)
     fig.suptitle(title or f"{r0.task}: logit lens at the last position", fontsize=10)
     plt.close(fig)
     return fig
@@ -361,7 +362,7 @@ def dla_sums(table:pd.DataFrame, # from `dla_table`
     df['share'] = 100 * df.dla / table.attrs['logit_diff']
     return df
 
-# %% ../nbs/07c_lens.ipynb #21e426af
+# %% ../nbs/07c_lens.ipynb #3305b221
 def plot_dla(table:pd.DataFrame, # from `dla_table`
              title:str|None=None) -> plt.Figure:
     "Layer x head heatmap (and MLP column) of each component's direct logit attribution, as % of the logit difference."
@@ -369,8 +370,9 @@ def plot_dla(table:pd.DataFrame, # from `dla_table`
     vals = {Node.parse(t): v for t, v in zip(comp.term, comp.share)}
     lim = max([1.0] + [abs(v) for v in vals.values() if np.isfinite(v)])
     other = table[~table.kind.isin(['head', 'mlp'])].groupby('kind').share.sum()
-    sub = ', '.join(f"{k} {other.get(k, 0):.0f}%" for k in ('embed', 'bias', 'final') if k in other.index)
-    if title is None: title = f"{table.attrs.get('task', '')}: direct logit attribution (% of logit diff; {sub})"
+    names = {'embed': 'embeddings', 'bias': 'b_O', 'final': 'final biases'}
+    sub = ', '.join(f"{v} {other[k]:+.1f}" for k, v in names.items() if k in other.index)
+    if title is None: title = f"{table.attrs.get('task', '')}: direct logit attribution, % of the logit difference\n({sub})"
     return _grid_figure(vals, table.attrs['n_layers'], table.attrs['n_heads'], title, '% of logit(answer) - logit(wrong)',
                         'RdBu', -lim, lim)
 

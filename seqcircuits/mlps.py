@@ -232,12 +232,12 @@ def run_mlps(study, task:str, folder:Path) -> dict:
     return {'mlps_that_matter': rem.node[rem.matters].tolist(),
             'still_correct': {k: round(float(v), 4) for k, v in summary.still_correct.items()}}
 
-# %% ../nbs/07b_mlps.ipynb #d0737e60
+# %% ../nbs/07b_mlps.ipynb #4eac693a
 def html_mlps(study, task:str) -> str:
     "The per-task MLP-analysis section of the report, from the stage's files."
     from seqcircuits.report import _table, _img
     d = study.stage_dir('mlps', task)
-    rem, summ = pd.read_csv(d/'mlp_removal.csv'), pd.read_csv(d/'predictions.csv')
+    rem, summ = pd.read_csv(d/'mlp_removal.csv'), pd.read_csv(d/'predictions.csv', keep_default_na=False)
     ex = pd.read_csv(d/'examples.csv', keep_default_na=False)
     rem = rem.assign(kept=(100 * rem.kept).round(1)).rename(columns={'kept': 'kept (%)'})
     return '\n'.join([
@@ -250,7 +250,7 @@ def html_mlps(study, task:str) -> str:
         "<details><summary>Example prompts per removal set</summary>",
         _table(ex[['removed', 'text', 'answer', 'top1', 'kind', 'still_correct', 'top_k']]), "</details>"])
 
-# %% ../nbs/07b_mlps.ipynb #7342dd38
+# %% ../nbs/07b_mlps.ipynb #ef357197
 def run_mlps_tasks(study, task:None, folder:Path) -> dict:
     "The across-task MLP-analysis stage: MLP removal side by side, and the kinds of wrong prediction per task."
     tasks = list(study.settings.tasks)
@@ -258,7 +258,8 @@ def run_mlps_tasks(study, task:None, folder:Path) -> dict:
     for t, df in rem.items(): df.attrs.update(threshold=study.settings.threshold, metric=study.settings.metric)
     across = mlp_removal_across(rem)
     across.to_csv(folder/'mlp_removal.csv')
-    kinds = pd.concat({t: pd.read_csv(study.stage_dir('mlps', t)/'predictions.csv', index_col=0) for t in tasks}, names=['task'])
+    kinds = pd.concat({t: pd.read_csv(study.stage_dir('mlps', t)/'predictions.csv', index_col=0, keep_default_na=False)
+                       for t in tasks}, names=['task'])
     kinds.to_csv(folder/'predictions.csv')
     return {'mlps_that_matter_for_all': across.index[across.matters_in_all].tolist()}
 
