@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqcircuits.core import concat_prompts
-from seqcircuits.model import load_model, all_nodes, act_name
+from seqcircuits.model import all_nodes, act_name
 from seqcircuits.data import make_prompts, filter_prompts
 from seqcircuits.lens import logit_lens, dla_per_prompt
 from seqcircuits.mlps import token_strings
@@ -14,8 +14,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope='module')
-def organism():
-    model = load_model()
+def organism(organism_model):
+    "The organism and a small filtered prompt set of months."
+    model = organism_model
     sets = [make_prompts(model, 'months', t, n_prompts=48, seed=i) for i, t in enumerate(('born', 'lost', 'done'))]
     prompts, _ = filter_prompts(model, concat_prompts(sets, task='months'))
     return model, prompts
