@@ -427,6 +427,10 @@ def plot_roles(roles:pd.DataFrame, # from `component_roles`
     return fig
 
 # %% ../nbs/11_lens.ipynb #68751a92
+def _as_percent(df:pd.DataFrame) -> pd.DataFrame:
+    "The share columns of a `member_before_answer` table as percentages (counts left as they are)."
+    return df.assign(**{c: (100 * df[c]).round(1) for c in df.columns if c not in ('n_prompts', 'answer_appears_later')})
+
 def _examples(n:int) -> list[int]:
     "Three prompts spread over the set (the templates of a pooled set come one after another)."
     return list(dict.fromkeys([0, n // 3, (2 * n) // 3]))
@@ -441,6 +445,7 @@ def run_lens(study:Study, task:str, folder:Path) -> dict:
     counts.to_csv(folder/'first_correct.csv')
     first_correct_counts({'full model': full, 'circuit': circ}, sublayers=True).to_csv(folder/'first_correct_points.csv')
     mb = pd.DataFrame({'full model': member_before_answer(full), 'circuit': member_before_answer(circ)}).T
+    mb = mb.astype({'n_prompts': int, 'answer_appears_later': int})
     mb.index.name = 'what'
     mb.to_csv(folder/'member_before_answer.csv')
     ex = [lens_table(model, ps, i).assign(prompt=i, text=ps.prompts[i] if ps.prompts else '') for i in _examples(ps.n_prompts)]
@@ -454,7 +459,7 @@ def html_lens(study:Study, task:str) -> str:
     "The logit-lens stage's report section for a task, from the stage's files."
     d = study.stage_dir('lens', task)
     counts = pd.read_csv(d/'first_correct.csv', index_col=0)
-    mb = pd.read_csv(d/'member_before_answer.csv', index_col=0)
+    mb = _as_percent(pd.read_csv(d/'member_before_answer.csv', index_col=0))
     by = pd.read_csv(d/'by_point.csv')
     ex = pd.read_csv(d/'examples.csv', keep_default_na=False)
     parts = ["<p>The residual stream at the last position after the embeddings and after every attention and MLP, read "
@@ -464,7 +469,7 @@ def html_lens(study:Study, task:str) -> str:
              html_image(f'{task}/lens/lens.png', f'{task} logit lens'),
              "<p>The first layer after which the answer is the top-1 token (% of prompts; 'never': not top-1 at the end):</p>",
              html_table((100 * counts).round(1).T, index=True),
-             "<p>Among prompts whose answer becomes top-1 after some layer: what the top-1 token was one layer before.</p>",
+             "<p>Among prompts whose answer becomes top-1 after some layer: what the top-1 token was one layer before (%).</p>",
              html_table(mb, index=True),
              "<details><summary>Answer by point</summary>", html_table(by), "</details>",
              "<details><summary>The lens of three prompts</summary>"]
@@ -537,13 +542,14 @@ def html_lens_tasks(study:Study, task:None=None) -> str:
     "The across-task lens and DLA stage's report section, from the stage's files."
     d = study.stage_dir('lens_tasks')
     fc = pd.read_csv(d/'first_correct.csv', index_col=[0, 1])
-    mb = pd.read_csv(d/'member_before_answer.csv', index_col=[0, 1])
+    mb = _as_percent(pd.read_csv(d/'member_before_answer.csv', index_col=[0, 1]))
     return '\n'.join([
         "<h3>Where the answer appears (logit lens)</h3>",
         "<p>Share of prompts (%) whose answer first becomes the top-1 token after each layer, in the full model and in "
         "the circuit alone:</p>", html_image('_all/lens_tasks/first_correct.png', 'first correct layer per task'),
         html_table((100 * fc).round(1), index=True),
-        "<p>What the top-1 token was one layer before the answer appeared:</p>", html_table(mb, index=True),
+        "<p>What the top-1 token was one layer before the answer appeared (% of the prompts whose answer appears after "
+        "some layer):</p>", html_table(mb, index=True),
         "<h3>The components that write the answer (direct logit attribution)</h3>",
         "<p>Per task, the five heads or MLPs with the largest direct contribution (% of the logit difference), the total "
         "effect of removing each (points) and its role:</p>", html_table(pd.read_csv(d/'top_dla.csv'))])
