@@ -128,8 +128,9 @@ def lens_table(model:HookedTransformer, prompts:PromptSet,
     "The logit lens of one prompt as a table a person reads: one row per point, its top-k tokens with probabilities, the answer's rank and probability."
     if not -prompts.n_prompts <= idx < prompts.n_prompts:
         raise ValueError(f"Prompt index {idx} is outside the set of {prompts.n_prompts} prompts.")
+    idx %= prompts.n_prompts
     if circuit is not None and not isinstance(ablation, Ablation): ablation = get_ablation(model, prompts, ablation)
-    res = logit_lens(model, prompts[[idx % prompts.n_prompts]], k, circuit, ablation, layers, progress=False)
+    res = logit_lens(model, prompts[[idx]], k, circuit, ablation, layers, progress=False)
     keep = np.ones(len(res.points), bool) if sublayers else res.block_end
     toks = np.array(token_strings(model, res.top_ids[:, 0]), dtype=object).reshape(len(res.points), -1)
     rows = []
@@ -138,7 +139,7 @@ def lens_table(model:HookedTransformer, prompts:PromptSet,
         rows.append({'layer': l, 'after': after} | {f'top {j + 1}': f"{toks[i, j]!r} {p[j]:.2f}" for j in range(res.top_ids.shape[-1])}
                     | {'answer rank': int(res.answer_rank[i, 0]), 'p(answer)': float(res.answer_prob[i, 0]), 'top-1 is': res.kinds[i, 0]})
     df = pd.DataFrame(rows)
-    df.attrs.update(prompt=prompts.prompts[idx] if prompts.prompts else '', answer=token_strings(model, prompts.answer[idx:idx + 1] if idx >= 0 else prompts.answer[[idx]])[0],
+    df.attrs.update(prompt=prompts.prompts[idx] if prompts.prompts else '', answer=token_strings(model, prompts.answer[idx])[0],
                     what=res.what, task=prompts.task)
     return df
 
