@@ -24,6 +24,9 @@ from .data import make_prompts, filter_prompts, get_task, get_template, TASKS, T
 from .knockout import find_circuit, drop_table, plot_drops, top_drops
 from .patching import find_edges
 from .graphs import plot_circuit, plot_circuits, save_figure
+from .ov import run_ov_stage, html_ov_stage, run_successor_stage, html_successor_stage
+from .attention import (run_attention_stage, html_attention_stage, run_shared_attention_stage,
+                                   html_shared_attention_stage)
 
 # %% auto #0
 __all__ = ['STAGES', 'StudySettings', 'Study', 'Stage', 'run_study', 'versions', 'write_report']
@@ -99,6 +102,7 @@ class Stage:
     run: Callable[[Study, str|None, Path], dict] # does the work
     per_task: bool = True # once per task, or once for the whole study
     title: str = '' # heading in the report
+    html: Callable[[Study, str|None], str]|None = None # its report section, read back from its files (None: built in below)
 
 def _fig(fig, folder:Path, stem:str) -> str:
     save_figure(fig, folder/stem); plt.close(fig)
@@ -179,6 +183,12 @@ STAGES = [
     Stage('edges', _stage_edges, title='Edges (path patching)'),
     Stage('drops', _stage_drops, title='Drop tables'),
     Stage('compare', _stage_compare, per_task=False, title='Cross-task comparison'),
+    Stage('ov_scores', run_ov_stage, title='OV scores: copy and successor heads', html=html_ov_stage),
+    Stage('attention', run_attention_stage, title='Attention from the final position', html=html_attention_stage),
+    Stage('successor_heads', run_successor_stage, per_task=False, title='Successor and copy heads across tasks',
+          html=html_successor_stage),
+    Stage('shared_attention', run_shared_attention_stage, per_task=False, title='Attention patterns across tasks',
+          html=html_shared_attention_stage),
 ]
 
 # %% ../nbs/08_report.ipynb #c43b324f
@@ -279,6 +289,9 @@ def write_report(out:str|Path, stages:Sequence[Stage]=STAGES) -> Path:
                   _table(on_other, index=True),
                   "<h3>Overlap</h3>", _table(pd.read_csv(d/'overlap.csv')),
                   f"<p>Shared by all tasks: {E(Circuit.from_json(d/'shared.json').summary())}</p>"]
+    study = Study(out, st)  # for the stages' own sections (they read their files back; the model is not loaded)
+    for s in stages:
+        if s.html and not s.per_task and done(s.name, None): parts += [f"<h2>{E(s.title or s.name)}</h2>", s.html(study, None)]
     for t in st.tasks:
         parts.append(f"<h2>Task: {E(t)}</h2>")
         if done('prompts', t):
@@ -302,6 +315,8 @@ def write_report(out:str|Path, stages:Sequence[Stage]=STAGES) -> Path:
                 parts += [f"<div><h4>One component {what}</h4>", _img(f'{t}/drops/drops_from_{label}.png', what),
                           _table(top_drops(df, 10)), "</div>"]
             parts.append("</div>")
+        for s in stages:
+            if s.html and s.per_task and done(s.name, t): parts += [f"<h3>{E(s.title or s.name)}</h3>", s.html(study, t)]
     times = [{'stage': s.name, 'task': t or 'all', 'seconds': info(s.name, t)['seconds']}
              for s in stages for t in (st.tasks if s.per_task else [None]) if done(s.name, t)]
     parts += ["<h2>Run</h2><h3>Settings</h3>", _table(pd.DataFrame([st.to_dict()]).T.reset_index().set_axis(['setting', 'value'], axis=1)),
