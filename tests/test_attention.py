@@ -108,9 +108,10 @@ class _Refs(HTMLParser):
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
     "A small study with every stage (two tasks, one template): its index.html."
-    from seqcircuits.report import run_study, StudySettings
+    from seqcircuits.study import run_study, StudySettings
+    from seqcircuits.report import STAGES, write_report
     settings = StudySettings(tasks=('numerals', 'months'), templates=('born',), n_prompts=64)
-    return run_study(settings, tmp_path_factory.mktemp('study'), progress=False)
+    return write_report(run_study(settings, tmp_path_factory.mktemp('study'), STAGES, progress=False))
 
 
 def report_refs(index):
