@@ -12,7 +12,7 @@ from transformer_lens import HookedTransformerConfig
 from seqcircuits.attention import (attention_summary, attention_parts, attention_view, compare_attention, browser_dom,
                                    find_browser, offline_problems)
 from seqcircuits.data import make_prompts, word_tokenizer, vocabulary
-from seqcircuits.model import load_model, random_model
+from seqcircuits.model import random_model
 
 
 def previous_token_model(n_ctx=24):
@@ -37,11 +37,6 @@ def prev():
     return previous_token_model()
 
 
-@pytest.fixture(scope='module')
-def organism():
-    return load_model()
-
-
 def test_previous_token_head_shows_in_the_summary(prev):
     pure = attention_summary(prev, make_prompts(prev, 'months', 'pure', n_prompts=16)).set_index('node')
     assert pure.loc['0.0', 'member_3'] > 1 - 1e-6 and pure.loc['0.0', 'top'] == 'member_3'
@@ -55,10 +50,10 @@ def test_previous_token_head_shows_in_the_summary(prev):
     assert same.same.all() and same.max_tv.max() < 1e-6
 
 
-def test_rows_sum_to_one_on_the_organism(organism):
-    df = attention_summary(organism, make_prompts(organism, 'number_words', 'lost', n_prompts=64))
+def test_rows_sum_to_one_on_the_organism(organism_model):
+    df = attention_summary(organism_model, make_prompts(organism_model, 'number_words', 'lost', n_prompts=64))
     assert np.allclose(df[attention_parts(df)].sum(axis=1), 1, atol=1e-6)
-    assert len(df) == organism.cfg.n_layers * organism.cfg.n_heads
+    assert len(df) == organism_model.cfg.n_layers * organism_model.cfg.n_heads
 
 
 def test_bad_input_gives_one_clear_line(prev):
@@ -89,9 +84,9 @@ def assert_view_rendered(dom, heads):
     for h in heads: assert re.search(rf'<h4[^>]*>{re.escape(h)}</h4>', dom), h
 
 
-def test_view_renders_offline_in_a_browser(organism, tmp_path):
+def test_view_renders_offline_in_a_browser(organism_model, tmp_path):
     b = browser()
-    view = attention_view(organism, make_prompts(organism, 'months', 'born', n_prompts=8), ['0.0', '1.3'])
+    view = attention_view(organism_model, make_prompts(organism_model, 'months', 'born', n_prompts=8), ['0.0', '1.3'])
     page = view.save(tmp_path/'view.html')
     assert offline_problems(page.read_text()) == []
     assert_view_rendered(browser_dom(page, b), ['0.0', '1.3'])
@@ -119,6 +114,7 @@ def report_refs(index):
     return p.refs
 
 
+@pytest.mark.slow  # a whole (small) study
 def test_report_sections_open_offline(report):
     page = report.read_text()
     for text in ('OV scores: copy and successor heads', 'Attention from the final position', 'Successor heads',
@@ -135,6 +131,7 @@ def test_report_sections_open_offline(report):
     for v in views: assert offline_problems(v.read_text()) == []
 
 
+@pytest.mark.slow  # a whole (small) study
 def test_report_views_render_in_a_browser(report):
     b = browser()
     assert 'Successor heads' in browser_dom(report, b)

@@ -6,7 +6,7 @@ import torch
 from transformer_lens import HookedTransformerConfig
 
 from seqcircuits.data import Task, word_tokenizer, vocabulary
-from seqcircuits.model import load_model, random_model
+from seqcircuits.model import random_model
 from seqcircuits.ov import member_tokens, ov_scores, ov_detail, successor_heads, heads_across_tasks
 
 
@@ -32,11 +32,6 @@ def hand_model(tasks=('numerals', 'number_words', 'months')):
 @pytest.fixture(scope='module')
 def hand():
     return hand_model()
-
-
-@pytest.fixture(scope='module')
-def organism():
-    return load_model()
 
 
 @pytest.mark.parametrize('task', ['numerals', 'number_words', 'months'])
@@ -70,15 +65,16 @@ def one_line_error(fn, match):
     return msg
 
 
-def test_bad_input_gives_one_clear_line(organism):
-    one_line_error(lambda: ov_scores(organism, Task('odd', ('one', 'two-three')), progress=False), "is 3 tokens")
-    one_line_error(lambda: ov_scores(organism, Task('new', ('one', 'Zebra')), progress=False), "not in the vocabulary")
-    for k in (0, -1, organism.cfg.d_vocab + 1, 2.5):
-        one_line_error(lambda: ov_scores(organism, 'numerals', k=k, progress=False), 'k must be a whole number from 1')
-    one_line_error(lambda: ov_scores(organism, 'numerals', heads=['2.0'], progress=False), '2.0 does not exist')
-    one_line_error(lambda: ov_scores(organism, 'numerals', heads=['0.9'], progress=False), '0.9 does not exist')
-    one_line_error(lambda: ov_scores(organism, 'numerals', input='unembed', progress=False), 'Unknown OV input')
-    one_line_error(lambda: ov_detail(organism, 'MLP1', 'numerals'), 'is not an attention head')
+def test_bad_input_gives_one_clear_line(organism_model):
+    one_line_error(lambda: ov_scores(organism_model, Task('odd', ('one', 'two-three')), progress=False), "is 3 tokens")
+    one_line_error(lambda: ov_scores(organism_model, Task('new', ('one', 'Zebra')), progress=False), "not in the vocabulary")
+    for k in (0, -1, organism_model.cfg.d_vocab + 1, 2.5):
+        one_line_error(lambda: ov_scores(organism_model, 'numerals', k=k, progress=False), 'k must be a whole number from 1')
+    L, H = organism_model.cfg.n_layers, organism_model.cfg.n_heads
+    one_line_error(lambda: ov_scores(organism_model, 'numerals', heads=[f'{L}.0'], progress=False), f'{L}.0 does not exist')
+    one_line_error(lambda: ov_scores(organism_model, 'numerals', heads=[f'0.{H}'], progress=False), f'0.{H} does not exist')
+    one_line_error(lambda: ov_scores(organism_model, 'numerals', input='unembed', progress=False), 'Unknown OV input')
+    one_line_error(lambda: ov_detail(organism_model, 'MLP1', 'numerals'), 'is not an attention head')
 
 
 GPT2_SIZE = textwrap.dedent('''
