@@ -12,7 +12,7 @@ import pandas as pd
 
 from .core import Circuit
 from .graphs import plot_circuits, save_figure
-from .knockout import circuit_score
+from .knockout import circuit_scores
 from .study import Study, Stage, html_table, html_image
 
 # %% auto #0
@@ -27,10 +27,8 @@ def run_compare(study:Study, task:None, folder:Path) -> dict:
     nodes = {t: study.circuit(t) for t in tasks}
     rows = []
     for data_t in tasks:
-        ps, row = study.prompts(data_t), {'data': data_t}
-        for circ_t in tasks:
-            row[circ_t] = round(100 * circuit_score(model, ps, nodes[circ_t], st.metric, study.ablation(data_t)), 2)
-        rows.append(row)
+        scores = circuit_scores(model, study.prompts(data_t), nodes, st.metric, study.ablation(data_t))
+        rows.append({'data': data_t} | {circ_t: round(100 * s, 2) for circ_t, s in scores.items()})
     on_other = pd.DataFrame(rows).set_index('data')
     on_other.columns.name = 'circuit'
     on_other.to_csv(folder/'circuit_on_other_task.csv')
