@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig, FactoredMatrix
 from transformer_lens.utilities import get_act_name as tl_get_act_name
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.utilities import apply_softcap as tl_apply_softcap
@@ -33,7 +33,8 @@ __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook
            'logits_from', 'final_logits', 'enable_edge_hooks', 'head_out_weights', 'split_supported', 'attn_in',
            'attn_half', 'mlp_half', 'mlp_of', 'mid_hook', 'Engine', 'resolve_engine', 'edge_hooks_enabled',
            'head_contribution', 'node_contribution', 'attn_out_bias', 'heads_out', 'resid_points', 'FinalNorm',
-           'final_norm', 'unembed_weights', 'positional_weights', 'prepare_tokenizer', 'gpt2_small_config',
+           'final_norm', 'unembed_weights', 'positional_weights', 'token_embeddings', 'embed_mlp0', 'head_ov',
+           'head_qk', 'attn_scale', 'apply_final_norm', 'attention_patterns', 'prepare_tokenizer', 'gpt2_small_config',
            'random_model', 'organism_dir', 'save_model', 'ModelUnavailableError', 'pretrained_names', 'load_model']
 
 # %% ../nbs/01_model.ipynb #12155ff9
@@ -335,6 +336,57 @@ def positional_weights(model:HookedTransformer) -> Tensor:
     if model.cfg.positional_embedding_type != 'standard':
         raise ValueError(f"The model has no learned positional embeddings ({model.cfg.positional_embedding_type!r}).")
     return model.pos_embed.W_pos
+
+# %% ../nbs/01_model.ipynb #48737a42
+def token_embeddings(model:HookedTransformer, ids:Int[Tensor, "n"]) -> Float[Tensor, "n d_model"]:
+    "Rows of the token embedding W_E for the token ids `ids` (no positional embedding)."
+    return model.W_E[torch.as_tensor(ids, device=model.W_E.device)]
+
+# %% ../nbs/01_model.ipynb #ec0704a2
+def embed_mlp0(model:HookedTransformer, ids:Int[Tensor, "n"]) -> Float[Tensor, "n d_model"]:
+    "The residual after block 0 of tokens seen without context: embedding plus MLP 0's output on it (block 0's attention and positions left out; the embedding alone in an attention-only model)."
+    e = token_embeddings(model, ids)
+    return e if model.cfg.attn_only else e + mlp_of(model, 0, e)
+
+# %% ../nbs/01_model.ipynb #99035125
+def head_ov(model:HookedTransformer, layer:int) -> FactoredMatrix:
+    "The OV circuits W_V W_O of the heads of block `layer`, as a FactoredMatrix [head_index d_model d_model] (index it by head)."
+    return model.blocks[layer].attn.OV
+
+# %% ../nbs/01_model.ipynb #e6326e4c
+def head_qk(model:HookedTransformer, layer:int) -> FactoredMatrix:
+    "The QK circuits W_Q W_K^T of the heads of block `layer`, as a FactoredMatrix [head_index d_model d_model]: query rows times key rows give attention scores (before scaling)."
+    return model.blocks[layer].attn.QK
+
+# %% ../nbs/01_model.ipynb #18c4b6b0
+def attn_scale(model:HookedTransformer, layer:int) -> float:
+    "What block `layer` divides attention scores by before the softmax."
+    return float(model.blocks[layer].attn.attn_scale)
+
+# %% ../nbs/01_model.ipynb #9f4e5e87
+def apply_final_norm(model:HookedTransformer, resid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    "The final norm applied to `resid` (unchanged if the model has none)."
+    return resid if model.cfg.normalization_type is None else apply_norm(model.ln_final, resid)
+
+# %% ../nbs/01_model.ipynb #1642e7c6
+def attention_patterns(model:HookedTransformer, tokens:Int[Tensor, "batch pos"],
+                       layers:Sequence[int]|None=None, # blocks whose heads to read (default all)
+                       query_pos:Sequence[int]|None=None, # keep only these query rows (e.g. [-1], the final position); default all
+                       batch_size:int|None=None, # prompts per forward pass (None: all at once)
+                      ) -> Float[Tensor, "batch layer head_index q_pos k_pos"]:
+    "Attention patterns of every head of `layers` on `tokens`, from forward passes that stop after the last of those blocks."
+    L = model.cfg.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad or not layers: raise ValueError(f"layers {bad or '[]'} do not exist: the model has {L} layers (0..{L-1}).")
+    if batch_size is not None and tokens.shape[0] > batch_size:
+        return torch.cat([attention_patterns(model, t, layers, query_pos, None) for t in tokens.split(batch_size)])
+    qp = None if query_pos is None else torch.as_tensor(list(query_pos))
+    out = {}
+    def save(pattern, hook): out[hook.layer()] = pattern if qp is None else pattern[:, :, qp.to(pattern.device)]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(act_name('pattern', l), save) for l in layers]):
+        model(tokens.to(model.cfg.device), stop_at_layer=max(layers) + 1)
+    return torch.stack([out[l] for l in layers], 1)
 
 # %% ../nbs/01_model.ipynb #265d401f
 def prepare_tokenizer(tokenizer):
