@@ -4,7 +4,7 @@ skipped) and save them with their outputs, so the rendered docs show figures and
 `jupyter nbconvert --execute` cannot do this: it does not read nbdev's flags, so it stops at the first GPT-2 cell.
 Skipped cells are saved without outputs.
 
-Run: `python .ci/save_outputs.py nbs/07_path_patching.ipynb [...]`, then `nbdev_clean`.
+Run: `python .ci/save_outputs.py nbs/09_path_patching.ipynb [...]`, then `nbdev_clean`.
 """
 import os, sys
 from pathlib import Path

@@ -1,9 +1,9 @@
 """Benchmark: fast iterative knockout against the reference loop (one full forward per candidate).
 
-The fast path (`find_circuit(..., fast=True)`, the default) reuses the residual stream before the candidate's
+The fast engine (`find_circuit(..., engine='fast')`, what the default 'auto' picks) reuses the residual stream before the candidate's
 layer, patches a candidate head's output into its block's attention output instead of rerunning the attention,
 runs the last block's MLP and the unembedding at the final position only, and remembers sets already scored.
-The reference (`fast=False`) runs one plain forward with hooks per candidate. Both run here in one process, on
+The reference (`engine='hooks'`) runs one plain forward with hooks per candidate. Both run here in one process, on
 the same prompts, and the script prints the ratio of their wall (and CPU) times and whether they found the same
 circuit with the same history.
 
@@ -37,12 +37,12 @@ def _short(c) -> str:
 
 def compare(label: str, model, prompts, repeat: int = 1, **kw) -> dict:
     "Run the reference and the fast knockout on the same input (best of `repeat`); print and return timings and agreement."
-    for fast in (False, True): NodeScorer(model, prompts, fast=fast).score([all_nodes(model)[0]])  # warm up both paths
+    for engine in ('hooks', 'fast'): NodeScorer(model, prompts, engine=engine).score([all_nodes(model)[0]])  # warm up both engines
     w_ref = c_ref = w_fast = c_fast = float('inf')
     for _ in range(repeat):  # alternate, keep the best of each: the machine may be shared
-        ref, w, c = timed(lambda: find_circuit(model, prompts, fast=False, **kw))
+        ref, w, c = timed(lambda: find_circuit(model, prompts, engine='hooks', **kw))
         w_ref, c_ref = min(w_ref, w), min(c_ref, c)
-        fast, w, c = timed(lambda: find_circuit(model, prompts, fast=True, **kw))
+        fast, w, c = timed(lambda: find_circuit(model, prompts, engine='fast', **kw))
         w_fast, c_fast = min(w_fast, w), min(c_fast, c)
     h_ref, h_fast = history_frame(ref), history_frame(fast)
     same_hist = len(h_ref) == len(h_fast) and (h_ref[['pass', 'node', 'removed']] == h_fast[['pass', 'node', 'removed']]).all().all()

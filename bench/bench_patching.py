@@ -4,8 +4,8 @@ Both sides get the same mean-ablation values, computed once outside the timings:
 patching, which the study computes once per task and shares with knockout. The ratio that counts its time on both sides
 is printed too.
 Fast: `patching_runs` (the cached clean and corrupted circuit runs, counted in full) plus `score_senders` for each
-receiver (one batched forward from the receiver's block), with either engine: `sparse` (the default: only the circuit's
-own nodes are computed) and `blocks` (TransformerLens blocks with hooks). Naive: `naive_edge_values` from
+receiver (one batched forward from the receiver's block), with either engine: `fast` (the default: only the circuit's
+own nodes are computed) and `hooks` (TransformerLens blocks with hooks). Naive: `naive_edge_values` from
 tests/test_patching.py, one full forward per edge. Printed per case: wall times, the wall-time ratio (and the CPU-time
 ratio, steadier on a shared machine), and the largest difference of the edge scores.
 On the GPT-2-size model the naive loop takes minutes per receiver, so both sides run the same subsample of receivers
@@ -39,7 +39,7 @@ def best_of(repeats, fn):
     return out, [min(t[0] for t in times), min(t[1] for t in times)]
 
 
-def bench(name, model, prompts, circuit, every=1, batch_size=512, repeats=1):
+def bench(name, model, prompts, circuit, every=1, rows_per_pass=512, repeats=1):
     "Time both fast engines and the naive loop on the same edges: every `every`-th receiver (all senders of each)."
     L = model.cfg.n_layers
     recs = receivers_of(circuit, L)[::every]
@@ -53,10 +53,10 @@ def bench(name, model, prompts, circuit, every=1, batch_size=512, repeats=1):
     (naive, clean, _), t_naive = best_of(repeats, lambda: naive_edge_values(model, prompts, circuit, edges, ablation=abl))
     model.set_use_split_qkv_input(False); model.set_use_hook_mlp_in(False)
     out = {}
-    for engine in ('sparse', 'blocks'):
+    for engine in ('fast', 'hooks'):
         def fast_run():
             runs = patching_runs(model, prompts, circuit, ablation=abl, engine=engine)  # the cached runs count in full
-            return runs, [v for r, ch in recs for v in score_senders(model, runs, r, ch, batch_size=batch_size, engine=engine).tolist()]
+            return runs, [v for r, ch in recs for v in score_senders(model, runs, r, ch, rows_per_pass=rows_per_pass, engine=engine).tolist()]
         (runs, fast), t_fast = best_of(repeats, fast_run)
         diff = max(abs(a / runs.clean_value - b / clean) for a, b in zip(fast, naive))
         print(f"  {engine:6s}: fast {t_fast[0]:7.2f} s, naive {t_naive[0]:7.2f} s, wall-time ratio {t_naive[0] / t_fast[0]:5.1f}x "

@@ -15,7 +15,8 @@ from torch import Tensor
 from jaxtyping import Int
 
 # %% auto #0
-__all__ = ['JSONMixin', 'NodeKind', 'Node', 'Channel', 'Edge', 'Circuit', 'PromptSet', 'concat_prompts']
+__all__ = ['JSONMixin', 'lookup', 'NodeKind', 'Node', 'Channel', 'is_causal', 'check_edge', 'Edge', 'check_same_model', 'Circuit',
+           'PromptSet', 'concat_prompts']
 
 # %% ../nbs/00_core.ipynb #76cbda87
 class JSONMixin:
@@ -32,6 +33,19 @@ class JSONMixin:
         text = str(s_or_path)
         if not text.lstrip().startswith(('{', '[')): text = Path(s_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+# %% ../nbs/00_core.ipynb #b57a5e94
+def lookup(x, # a name, or already the object
+           registry:Mapping[str, Any], # name -> object
+           cls:type|tuple[type, ...], # what counts as "already the object"
+           what:str, # what is looked up, for the message ('metric', 'task', ...)
+           make:str, # how to make one instead, for the message
+          ):
+    "`x` itself if it is a `cls`, else the entry of `registry` named `x`, with an error that lists the valid names."
+    if isinstance(x, cls): return x
+    if not isinstance(x, str) or x not in registry:
+        raise ValueError(f"Unknown {what} {x!r}: use one of {list(registry)}, or pass {make}.")
+    return registry[x]
 
 # %% ../nbs/00_core.ipynb #50deff9b
 class NodeKind(str, Enum):
@@ -64,7 +78,7 @@ class Node:
             raise ValueError(f"Head index must be >= 0, got {self.head}.")
 
     @classmethod
-    def attn(cls, layer:int, head:int) -> Node:
+    def attn_head(cls, layer:int, head:int) -> Node:
         "Attention head `head` of block `layer`."
         return cls(NodeKind.HEAD, layer, head)
     @classmethod
@@ -114,7 +128,7 @@ class Node:
             if low.startswith('mlp'): return cls.mlp(int(low[3:]))
             if low.startswith('m') and low[1:].isdigit(): return cls.mlp(int(low[1:]))
             l, h = s.split('.')
-            return cls.attn(int(l), int(h))
+            return cls.attn_head(int(l), int(h))
         except (ValueError, IndexError) as e:
             raise ValueError(f"Cannot parse node name {name!r}: use 'L.H' for a head (e.g. '4.4'), 'MLP9' for an MLP, "
                              f"'embed' or 'output'. ({e})") from None
@@ -132,6 +146,34 @@ class Channel(str, Enum):
     MLP_IN = 'mlp_in'
     RESID_POST = 'resid_post' # the final residual stream, read by the unembedding
 
+# %% ../nbs/00_core.ipynb #af46cea8
+def is_causal(sender:Node, receiver:Node) -> bool:
+    "Whether `receiver` reads `sender`'s output: senders in earlier blocks, or the heads of an MLP's own block; everything reaches the output."
+    if sender.kind == NodeKind.OUTPUT or receiver.kind == NodeKind.EMBED: return False
+    if receiver.kind == NodeKind.OUTPUT: return True
+    return sender.layer < receiver.layer or (receiver.is_mlp and sender.is_head and sender.layer == receiver.layer)
+
+# %% ../nbs/00_core.ipynb #eb4e668f
+_INPUTS = {NodeKind.HEAD: (Channel.Q, Channel.K, Channel.V), NodeKind.MLP: (Channel.MLP_IN,), NodeKind.OUTPUT: (Channel.RESID_POST,)}
+
+def check_edge(receiver:Node, # the node that reads
+               channel:Channel|str, # which of its inputs
+               senders:Iterable[Node]=(), # nodes whose output would travel into that input
+              ) -> Channel:
+    "Raise a clear error unless `channel` is an input of `receiver` and every sender is computed before `receiver` reads it; return the channel."
+    channel = Channel(channel)
+    want = _INPUTS.get(receiver.kind)
+    if want is None: raise ValueError(f"{receiver} cannot receive an edge: receivers are heads, MLPs and the output.")
+    if channel not in want:
+        raise ValueError(f"Channel {channel.value!r} is not an input of {receiver} (a {receiver.kind.value}); use one of "
+                         f"{[c.value for c in want]}.")
+    for s in senders:
+        if s.kind == NodeKind.OUTPUT: raise ValueError("The output node cannot send an edge.")
+        if not is_causal(s, receiver):
+            raise ValueError(f"Edge {s}->{receiver} is not causal: {receiver} reads its input before {s} is computed (senders "
+                             f"of a head sit in earlier blocks; an MLP also reads its own block's heads).")
+    return channel
+
 # %% ../nbs/00_core.ipynb #57cae4cd
 @dataclass(frozen=True)
 class Edge:
@@ -143,21 +185,7 @@ class Edge:
 
     def __post_init__(self):
         object.__setattr__(self, 'channel', Channel(self.channel))
-        want = {NodeKind.HEAD: {Channel.Q, Channel.K, Channel.V}, NodeKind.MLP: {Channel.MLP_IN},
-                NodeKind.OUTPUT: {Channel.RESID_POST}}.get(self.receiver.kind)
-        if want is None:
-            raise ValueError(f"{self.receiver} cannot receive an edge: receivers are heads, MLPs and the output.")
-        if self.channel not in want:
-            raise ValueError(f"Edge {self.sender}->{self.receiver}: channel {self.channel.value!r} is not an input of "
-                             f"a {self.receiver.kind.value}; use one of {sorted(c.value for c in want)}.")
-        if self.sender.kind == NodeKind.OUTPUT:
-            raise ValueError("The output node cannot send an edge.")
-        s, r = self.sender, self.receiver
-        # heads read the residual stream at the start of their block; an MLP also reads its own block's heads
-        causal = r.kind == NodeKind.OUTPUT or s.layer < r.layer or (r.is_mlp and s.is_head and s.layer == r.layer)
-        if not causal:
-            raise ValueError(f"Edge {s}->{r} is not causal: the sender must be computed before the receiver reads "
-                             f"its input (senders of a head sit in earlier blocks; an MLP also reads its own block's heads).")
+        check_edge(self.receiver, self.channel, [self.sender])
 
     @property
     def name(self) -> str:
@@ -177,6 +205,20 @@ class Edge:
     @classmethod
     def from_dict(cls, d:Mapping) -> Edge:
         return cls(Node.from_dict(d['sender']), Node.from_dict(d['receiver']), Channel(d['channel']), d.get('score'))
+
+# %% ../nbs/00_core.ipynb #0bc20e9a
+def check_same_model(circuits:Iterable, # circuits (anything with `config_hash` and `model`)
+                     fingerprint:str='', # config fingerprint of the model they are used on (`seqcircuits.model.config_fingerprint`)
+                     model:str='', # that model's name, for the message
+                     doing:str='use these circuits together', # what was asked, for the message
+                    ):
+    "Raise a clear error unless every circuit that has a fingerprint was found on one model (the model of `fingerprint`, if given)."
+    seen = {c.config_hash: c.model or '?' for c in circuits if c.config_hash}
+    where = ', '.join(f"{m} {h}" for h, m in seen.items())
+    if fingerprint and set(seen) - {fingerprint}:
+        raise ValueError(f"Cannot {doing}: the circuit was found on another model ({where}); this model "
+                         f"({model or '?'}) has config fingerprint {fingerprint}. Find the circuit on this model.")
+    if len(seen) > 1: raise ValueError(f"Cannot {doing}: the circuits come from different models ({where}).")
 
 # %% ../nbs/00_core.ipynb #38fb8585
 @dataclass(frozen=True)
@@ -221,12 +263,8 @@ class Circuit(JSONMixin):
         return f"Circuit({self.task or '?'}/{self.method or '?'}: {self.summary()}, {len(self.edges)} edges)"
 
     # --- set operations
-    def _check_same_model(self, other:Circuit, op:str):
-        if self.config_hash and other.config_hash and self.config_hash != other.config_hash:
-            raise ValueError(f"Cannot {op} circuits of different models ({self.model or '?'} {self.config_hash} vs "
-                             f"{other.model or '?'} {other.config_hash}).")
     def _combine(self, other:Circuit, op:str, nodes, edges) -> Circuit:
-        self._check_same_model(other, op)
+        check_same_model([self, other], doing=f'take the {op} of these circuits')
         tasks = '+'.join(dict.fromkeys(t for t in (self.task, other.task) if t))
         return Circuit(frozenset(nodes), tuple(edges), None, self.model or other.model,
                        self.config_hash or other.config_hash, tasks, op, None,

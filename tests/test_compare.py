@@ -75,14 +75,15 @@ def test_editing_nothing_or_scaling_by_one_changes_nothing(organism):
 
 
 class FailWhere(torch.nn.Module):
-    "The organism, except that it gets every prompt holding one of the `bad` words wrong (as a model that fails some prompts)."
+    "The organism, except that it gets every prompt holding all the `bad` words wrong (a model that fails some prompts)."
     def __init__(self, model, bad):
         super().__init__()
         self.model, self.cfg, self.tokenizer = model, model.cfg, model.tokenizer
-        self.bad = torch.tensor(sorted({token_id(model, w) for w in bad} | {token_id(model, ' ' + w) for w in bad}))
+        self.bad = [torch.tensor([token_id(model, w), token_id(model, ' ' + w)]) for w in bad]
     def forward(self, tokens):
         out = self.model(tokens)
-        return torch.where(torch.isin(tokens, self.bad).any(-1)[:, None, None], -out, out)
+        hit = torch.stack([torch.isin(tokens, b).any(-1) for b in self.bad]).all(0)
+        return torch.where(hit[:, None, None], -out, out)
 
 
 def test_balancing_is_per_template(organism):
@@ -95,3 +96,18 @@ def test_balancing_is_per_template(organism):
     assert list(per_template.index) == ['born', 'lost', 'done'] and per_template.nunique() == 1
     assert rep.kept.nunique() == 1                                        # every (template, start member) keeps the same
     assert [p['n'] for p in kept.meta['parts']] == list(per_template)
+
+
+def test_the_prompts_stage_keeps_its_share_of_every_template(organism, tmp_path):
+    from seqcircuits.study import StudySettings, Study, PROMPTS_STAGE, run_study
+    import pandas as pd
+    # a model that fails the 'lost' prompts mentioning both a key and a phone: a few in every start member
+    st = StudySettings(tasks=('numerals',), n_prompts=1536)
+    run_study(st, tmp_path, [PROMPTS_STAGE], model=FailWhere(organism[0], ['Key', 'Phone']), progress=False)
+    study = Study(tmp_path, st, organism[0])
+    report = pd.read_csv(study.stage_dir('prompts', 'numerals')/'filter.csv')
+    failed = report.groupby('template').failed_top1.sum()
+    assert failed['born'] == failed['done'] == 0 and failed['lost'] > 0
+    assert (report.kept == 64).all()                                             # 512 per template x 3
+    ps = study.prompts('numerals')
+    assert ps.n_prompts == 1536 and [p['n'] for p in ps.meta['parts']] == [512, 512, 512]

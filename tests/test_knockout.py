@@ -91,7 +91,7 @@ def test_fast_and_reference_agree(which, request):
                 dict(threshold=0.6, mlps=False, ablation='zero')]
     for kw in settings[:2] if which == 'organism' else settings:
         fast = find_circuit(model, ps, progress=False, **kw)
-        ref = find_circuit(model, ps, progress=False, fast=False, **kw)
+        ref = find_circuit(model, ps, progress=False, engine='hooks', **kw)
         assert fast.nodes == ref.nodes, kw
         hf, hr = history_frame(fast), history_frame(ref)
         assert (hf[['pass', 'node', 'removed']] == hr[['pass', 'node', 'removed']]).all().all()
@@ -107,10 +107,10 @@ def test_dead_components_are_never_kept(rand):
             dead.blocks[layer].mlp.W_out.zero_(); dead.blocks[layer].mlp.b_out.zero_()
         for order in ('default', 'forward_first', 'random_0'):
             c = find_circuit(dead, ps, order=order, progress=False)
-            assert Node.attn(layer, head) not in c and Node.mlp(layer) not in c, (layer, head, order, c)
+            assert Node.attn_head(layer, head) not in c and Node.mlp(layer) not in c, (layer, head, order, c)
     # and the same components are kept when they work
     c = find_circuit(model, ps, progress=False)
-    assert Node.attn(0, 0) in c and Node.mlp(0) in c
+    assert Node.attn_head(0, 0) in c and Node.mlp(0) in c
 
 
 def test_hooks_come_off_when_knockout_raises(rand):
@@ -121,9 +121,9 @@ def test_hooks_come_off_when_knockout_raises(rand):
             Flaky.calls += 1
             if Flaky.calls > 6: raise KeyboardInterrupt
             return logits[:, 0] * 0 + 1
-    for fast in (True, False):
+    for engine in ('fast', 'hooks'):
         Flaky.calls = 0
-        with pytest.raises(KeyboardInterrupt): find_circuit(model, ps, metric=Flaky(), fast=fast, progress=False)
+        with pytest.raises(KeyboardInterrupt): find_circuit(model, ps, metric=Flaky(), engine=engine, progress=False)
         assert sum(len(hp.fwd_hooks) for hp in model.hook_dict.values()) == 0
 
 
@@ -153,13 +153,13 @@ def test_drop_tables_match_plain_hooks(rand):
     model, ps = rand
     full, plain = drop_table(model, ps, progress=False).set_index('node'), Plain(model, ps)
     for n in all_nodes(model):
-        assert abs(full.drop_from_full[n.name] - 100 * (plain.score([n]) - 1)) < 1e-3
+        assert abs(full['drop'][n.name] - 100 * (plain.score([n]) - 1)) < 1e-3
     c = find_circuit(model, ps, progress=False)
     circ = drop_table(model, ps, base=c, progress=False).set_index('node')
     rest = set(all_nodes(model)) - c.nodes
     for n in c.nodes:
         want = 100 * (plain.score(rest | {n}) - plain.score(rest))
-        assert abs(circ.drop_from_circuit[n.name] - want) < 1e-3
+        assert abs(circ['drop'][n.name] - want) < 1e-3
 
 
 def test_bad_input(rand):
@@ -185,7 +185,7 @@ def test_fast_path_on_other_architectures(arch):
     model = HookedTransformer(cfg).eval()
     ps = model_labelled_prompts(model, n_prompts=12, n_pos=8, wrong_rank=39)
     if arch.get('parallel_attn_mlp'):
-        with pytest.warns(UserWarning, match='does not support this architecture'): assert not NodeScorer(model, ps).fast
-    fast, ref = find_circuit(model, ps, progress=False), find_circuit(model, ps, fast=False, progress=False)
+        with pytest.warns(UserWarning, match='does not support this architecture'): assert NodeScorer(model, ps).engine == 'hooks'
+    fast, ref = find_circuit(model, ps, progress=False), find_circuit(model, ps, engine='hooks', progress=False)
     assert fast.nodes == ref.nodes
     assert (history_frame(fast).score - history_frame(ref).score).abs().max() < 1e-5

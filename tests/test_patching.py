@@ -17,7 +17,7 @@ from seqcircuits.data import model_labelled_prompts
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference: one full forward per edge, hook names written out, nothing shared with the fast path but the
-# ablation values and the definition (see nbs/07_path_patching.ipynb).
+# ablation values and the definition (see nbs/09_path_patching.ipynb).
 
 def _contribution(model, cache, node):
     "A sender's contribution to the residual stream, read from a full cache."
@@ -89,12 +89,12 @@ def organism():
 
 def _fast_values(model, runs, circuit, engine):
     L = model.cfg.n_layers
-    return [v for r, ch in receivers_of(circuit, L) for v in score_senders(model, runs, r, ch, batch_size=37, engine=engine).tolist()]
+    return [v for r, ch in receivers_of(circuit, L) for v in score_senders(model, runs, r, ch, rows_per_pass=37, engine=engine).tolist()]
 
 
 _NAIVE = {}
 
-@pytest.mark.parametrize('engine', ['sparse', 'blocks'])
+@pytest.mark.parametrize('engine', ['fast', 'hooks'])
 @pytest.mark.parametrize('which', ['rand3', 'organism'])
 def test_fast_scores_equal_naive(which, engine, request):
     model, prompts, circuit = request.getfixturevalue(which)
@@ -114,14 +114,14 @@ def test_fast_scores_equal_naive(which, engine, request):
     assert min(ratio_naive) < 0.95 or max(ratio_naive) > 1.05
 
 
-@pytest.mark.parametrize('engine', ['sparse', 'blocks'])
+@pytest.mark.parametrize('engine', ['fast', 'hooks'])
 def test_resample_ablation_equals_naive(rand3, engine):
     model, prompts, circuit = rand3
     abl = compute_ablation(model, prompts, 'resample')
     runs = patching_runs(model, prompts, circuit, ablation=abl, batch_size=4)
-    picks = [(Node.output(3), Channel.RESID_POST), (Node.attn(2, 1), Channel.K), (Node.mlp(1), Channel.MLP_IN),
-             (Node.attn(1, 2), Channel.Q)]
-    fast = [v for r, ch in picks for v in score_senders(model, runs, r, ch, batch_size=9, engine=engine).tolist()]
+    picks = [(Node.output(3), Channel.RESID_POST), (Node.attn_head(2, 1), Channel.K), (Node.mlp(1), Channel.MLP_IN),
+             (Node.attn_head(1, 2), Channel.Q)]
+    fast = [v for r, ch in picks for v in score_senders(model, runs, r, ch, rows_per_pass=9, engine=engine).tolist()]
     naive, _, _ = naive_edge_values(model, prompts, circuit, [(s, r, ch) for r, ch in picks for s in senders_of(circuit, r)],
                                     ablation=abl)
     assert max(abs(a - b) for a, b in zip(fast, naive)) < 1e-4
@@ -158,7 +158,7 @@ def test_edge_faithfulness_identities(rand3):
     node_score = patching_runs(model, prompts, circuit).node_score
     assert abs(edge_faithfulness(model, prompts, full_edges, ablation=abl) - node_score) < 1e-5
     # a node with no outgoing edge sends only its mean: the same as the node circuit without it
-    for x in (Node.attn(1, 2), Node.mlp(0), Node.attn(0, 1)):
+    for x in (Node.attn_head(1, 2), Node.mlp(0), Node.attn_head(0, 1)):
         cut = replace(circuit, edges=tuple(e for e in every if e.sender != x))
         without = patching_runs(model, prompts, circuit.with_nodes(circuit.nodes - {x}), ablation=abl).node_score
         assert abs(edge_faithfulness(model, prompts, cut, ablation=abl) - without) < 1e-4, x
@@ -178,15 +178,15 @@ def test_bad_input(rand3):
         edge_faithfulness(model, prompts, Circuit(frozenset()))
     runs = patching_runs(model, prompts, circuit)
     with pytest.raises(ValueError, match='not causal'):
-        score_senders(model, runs, Node.attn(1, 2), 'q', [Node.attn(2, 1)])
+        score_senders(model, runs, Node.attn_head(1, 2), 'q', [Node.attn_head(2, 1)])
     with pytest.raises(ValueError, match='not causal'):
-        score_senders(model, runs, Node.attn(1, 2), 'v', [Node.attn(1, 2)])
+        score_senders(model, runs, Node.attn_head(1, 2), 'v', [Node.attn_head(1, 2)])
     with pytest.raises(ValueError, match='not causal'):
         score_senders(model, runs, Node.mlp(1), 'mlp_in', [Node.mlp(1)])
     with pytest.raises(ValueError, match='not a node of the circuit'):
-        score_senders(model, runs, Node.attn(1, 0), 'q')
+        score_senders(model, runs, Node.attn_head(1, 0), 'q')
     with pytest.raises(ValueError, match='not causal'):
-        Edge(Node.mlp(2), Node.attn(1, 0), 'q')
+        Edge(Node.mlp(2), Node.attn_head(1, 0), 'q')
 
 
 def test_edge_circuit_graphs(rand3, tmp_path):
@@ -208,7 +208,7 @@ def test_edge_circuit_graphs(rand3, tmp_path):
     assert all(p.exists() for p in save_figure(both, tmp_path/'both'))
 
 
-@pytest.mark.parametrize('engine', ['sparse', 'blocks'])
+@pytest.mark.parametrize('engine', ['fast', 'hooks'])
 def test_shared_prefix_equals_naive(rand3, engine):
     "Prompts whose clean and corrupted versions share their first tokens (templates): the sparse engine recomputes only\
     the positions after them (through two more blocks here), and only the moved rows of a patched query or MLP input."
@@ -258,7 +258,7 @@ def test_sparse_engine_architectures(variant):
     circuit = Circuit.from_names(names, config_hash=config_fingerprint(model.cfg))
     runs = patching_runs(model, prompts, circuit)
     assert runs.start == 3
-    fast = [v for r, ch in receivers_of(circuit, 2) for v in score_senders(model, runs, r, ch, engine='sparse').tolist()]
+    fast = [v for r, ch in receivers_of(circuit, 2) for v in score_senders(model, runs, r, ch, engine='fast').tolist()]
     naive, clean, _ = naive_edge_values(model, prompts, circuit, all_candidate_edges(circuit, 2))
     assert max(abs(a - b) for a, b in zip(fast, naive)) < 1e-4 * max(1.0, abs(clean))
     assert max(abs(a - clean) for a in naive) > 1e-3  # some patch changes something

@@ -1,4 +1,4 @@
-"Tests of seqcircuits.toy: seeded training is reproducible, splits are disjoint, the shipped organism loads and works."
+"Tests of the training loop, the 1-layer experiment and the organism: seeded training is reproducible, splits are disjoint, the shipped organism loads and works."
 import random, warnings
 
 import numpy as np
@@ -8,9 +8,10 @@ from transformer_lens import HookedTransformer
 
 warnings.filterwarnings('ignore', message='HookedTransformer is deprecated')
 
-from seqcircuits.toy import (Experiment, OrganismData, SeqKind, TrainHistory, _organism_prompt, heldout_key,
-                             heldout_prompts, one_layer_experiment, organism_config, organism_sampler,
-                             organism_tokenizer, prompt_fillers, prompt_scores, toy_splits, train, train_organism)
+from seqcircuits.train import TrainHistory, train
+from seqcircuits.one_layer import Experiment, SeqKind, one_layer_experiment, toy_splits
+from seqcircuits.organism import (OrganismData, _organism_prompt, heldout_key, heldout_prompts, organism_config,
+                                  organism_sampler, organism_tokenizer, prompt_fillers, prompt_scores, train_organism)
 from seqcircuits.model import load_model, organism_dir
 
 
