@@ -47,7 +47,7 @@ class StudySettings:
         for t in self.tasks: get_task(t)
         for t in self.templates: get_template(t)
         get_metric(self.metric)
-        lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'one of these names')
+        lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'an AblationKind')
         per = self.n_prompts // max(len(self.templates), 1)
         if per * len(self.templates) != self.n_prompts or per < 8 or per % 8:
             raise ValueError(f"n_prompts={self.n_prompts} must split evenly over {len(self.templates)} template(s) and "
