@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 
 from seqcircuits.core import Circuit, Edge, Node, concat_prompts
-from seqcircuits.model import gpt2_small_config, load_model
+from seqcircuits.model import gpt2_small_config
 from seqcircuits.data import make_prompts, filter_prompts, token_id
 from seqcircuits.ablation import compute_ablation
 from seqcircuits.knockout import find_circuit
@@ -47,8 +47,9 @@ def test_draws_are_reproducible():
 
 
 @pytest.fixture(scope='module')
-def organism():
-    model = load_model()
+def organism(organism_model):
+    "The organism with prompts of two tasks and a stand-in control task, their ablations and the two tasks' circuits."
+    model = organism_model
     prompts = {t: filter_prompts(model, make_prompts(model, t, 'born', n_prompts=64, seed=0))[0]
                for t in ('numerals', 'months', 'letters')}
     abl = {t: compute_ablation(model, p) for t, p in prompts.items()}
