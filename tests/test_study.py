@@ -48,7 +48,7 @@ def test_report_contents(full_run):
               'numerals/mlps/kinds.png', 'months/lens/lens.png', 'months/dla/dla.svg', '_all/lens_tasks/first_correct.png'):
         assert (out/f).stat().st_size > 1000, f
     on_other = pd.read_csv(out/'_all/compare/circuit_on_other_task.csv', index_col=0)
-    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months']
+    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months', 'shared core', 'random']
     # each task's own circuit keeps at least the threshold on its own data (the knockout's promise)
     for t in ('numerals', 'months'):
         assert on_other.loc[t, t] >= 80.0 - 1e-6, on_other
