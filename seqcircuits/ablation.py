@@ -19,7 +19,7 @@ from .model import node_out_hook, all_nodes, check_nodes, check_prompts, final_l
 
 # %% auto #0
 __all__ = ['AblationKind', 'Ablation', 'compute_ablation', 'get_ablation', 'ablation_hooks', 'ablated', 'complement',
-           'ablated_logits']
+           'ablated_logits', 'scaling_hooks', 'scaled']
 
 # %% ../nbs/04_ablation.ipynb #11cc85b4
 class AblationKind(str, Enum):
@@ -101,17 +101,19 @@ def get_ablation(model:HookedTransformer, prompts:PromptSet,
     return compute_ablation(model, prompts, kind, batch_size or 256)
 
 # %% ../nbs/04_ablation.ipynb #299a0fd8
+def _by_out_hook(model:HookedTransformer, nodes:Iterable[Node], verb:str) -> dict[str, list[int]|None]:
+    "`nodes` grouped by the hook where they write their output: hook name -> head indices (None: the whole activation)."
+    by_hook: dict[str, list[Node]] = {}
+    for n in check_nodes(model, nodes):
+        if n.kind == NodeKind.OUTPUT: raise ValueError(f"The output node cannot be {verb}.")
+        by_hook.setdefault(node_out_hook(n), []).append(n)
+    return {name: [n.head for n in ns if n.is_head] or None for name, ns in by_hook.items()}
+
 def ablation_hooks(model:HookedTransformer, nodes:Iterable[Node], ablation:Ablation) -> list[tuple[str, Callable]]:
     "Forward hooks that write `ablation`'s values in place of the outputs of `nodes` (one hook per hook point)."
-    nodes = check_nodes(model, nodes)
-    by_hook: dict[str, list[Node]] = {}
-    for n in nodes:
-        if n.kind == NodeKind.OUTPUT: raise ValueError("The output node cannot be ablated.")
-        by_hook.setdefault(node_out_hook(n), []).append(n)
     hooks = []
-    for name, ns in by_hook.items():
+    for name, heads in _by_out_hook(model, nodes, 'ablated').items():
         val = ablation.values[name]
-        heads = [n.head for n in ns if n.is_head] or None
         def fn(act, hook, val=val, heads=heads):
             if act.shape[1] != ablation.n_pos:
                 raise ValueError(f"The ablation values were made for prompts of {ablation.n_pos} tokens; these have "
@@ -145,3 +147,23 @@ def ablated_logits(model:HookedTransformer, prompts:PromptSet, nodes:Iterable[No
     prompts = check_prompts(model, prompts)
     if ablation.per_prompt: batch_size = None
     with ablated(model, nodes, ablation): return final_logits(model, prompts.clean, batch_size)
+
+# %% ../nbs/04_ablation.ipynb #6fbb15b1
+def scaling_hooks(model:HookedTransformer, nodes:Iterable[Node],
+                  scale:float, # the factor: 0 removes the outputs (zero ablation), 1 changes nothing, 2 doubles them
+                 ) -> list[tuple[str, Callable]]:
+    "Forward hooks that multiply the outputs of `nodes` by `scale` (one hook per hook point)."
+    hooks = []
+    for name, heads in _by_out_hook(model, nodes, 'scaled').items():
+        def fn(act, hook, heads=heads):
+            if heads is None: return act * scale
+            act = act.clone()
+            act[:, :, heads] = act[:, :, heads] * scale
+            return act
+        hooks.append((name, fn))
+    return hooks
+
+@contextmanager
+def scaled(model:HookedTransformer, nodes:Iterable[Node], scale:float) -> Iterator[HookedTransformer]:
+    "Context manager: inside it `model` runs with the outputs of `nodes` multiplied by `scale`; the hooks always come off."
+    with model.hooks(fwd_hooks=scaling_hooks(model, nodes, scale)): yield model

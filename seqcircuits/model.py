@@ -14,12 +14,13 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig, FactoredMatrix
 from transformer_lens.utilities import get_act_name as tl_get_act_name
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.utilities import apply_softcap as tl_apply_softcap
 from transformer_lens.utilities.attention import simple_attn_linear as tl_attn_linear
 from transformer_lens.components import LayerNorm as tl_LayerNorm, LayerNormPre as tl_LayerNormPre
+from transformer_lens.components import RMSNorm as tl_RMSNorm, RMSNormPre as tl_RMSNormPre
 try: from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES as _POST_NORM
 except ImportError: _POST_NORM = ()
 
@@ -31,9 +32,11 @@ __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook
            'config_fingerprint', 'weights_fingerprint', 'vocab_fingerprint', 'available_memory', 'check_prompts',
            'resid_at', 'apply_norm', 'unembed', 'logits_from', 'final_logits', 'enable_edge_hooks', 'head_out_weights',
            'split_supported', 'attn_in', 'attn_half', 'mlp_half', 'mlp_of', 'mid_hook', 'Engine', 'resolve_engine',
-           'edge_hooks_enabled', 'head_contribution', 'node_contribution', 'attn_out_bias', 'heads_out',
-           'positional_weights', 'prepare_tokenizer', 'gpt2_small_config', 'random_model', 'organism_dir', 'save_model',
-           'ModelUnavailableError', 'pretrained_names', 'load_model']
+           'edge_hooks_enabled', 'head_contribution', 'node_contribution', 'attn_out_bias', 'heads_out', 'resid_points',
+           'FinalNorm', 'final_norm', 'unembed_weights', 'positional_weights', 'token_embeddings', 'embed_mlp0',
+           'head_ov', 'head_qk', 'attn_scale', 'apply_final_norm', 'attention_patterns', 'prepare_tokenizer',
+           'gpt2_small_config', 'random_model', 'organism_dir', 'save_model', 'ModelUnavailableError',
+           'pretrained_names', 'load_model']
 
 # %% ../nbs/01_model.ipynb #12155ff9
 def act_name(name:str, layer:int|None=None) -> str:
@@ -325,12 +328,101 @@ def heads_out(model:HookedTransformer, layer:int, heads:Sequence[int], q_in:Floa
     z = attn.calculate_z_scores(v, pattern)
     return torch.einsum('bphe,hed->bphd' if per_head else 'bphe,hed->bpd', z, head_out_weights(model, layer)[hs])
 
+# %% ../nbs/01_model.ipynb #3248908a
+def resid_points(model:HookedTransformer) -> list[tuple[int, str, str]]:
+    "Where the residual stream can be read, in forward order: `(layer, after, hook)`, `after` being 'embed' (layer -1), 'attn' or 'mlp' ('block' for a parallel block)."
+    cfg, pts = model.cfg, [(-1, 'embed', act_name('resid_pre', 0))]
+    for l in range(cfg.n_layers):
+        if cfg.attn_only: pts.append((l, 'attn', act_name('resid_post', l)))
+        elif cfg.parallel_attn_mlp: pts.append((l, 'block', act_name('resid_post', l)))
+        else: pts += [(l, 'attn', act_name('resid_mid', l)), (l, 'mlp', act_name('resid_post', l))]
+    return pts
+
+# %% ../nbs/01_model.ipynb #a2a23705
+@dataclasses.dataclass(frozen=True, eq=False)
+class FinalNorm:
+    "The final norm as a map that is linear once its scale is known: `x -> (x - mean(x) if center) / scale * w + b`."
+    scale_hook: str|None # hook of the scale [batch pos 1]; None when the model has no final norm (scale 1)
+    center: bool # subtract the mean over d_model first (LayerNorm) or not (RMSNorm)
+    w: Tensor|None # the weight (None: 1, as in LayerNormPre)
+    b: Tensor|None # the bias (None: 0)
+
+def final_norm(model:HookedTransformer) -> FinalNorm:
+    "The model's final norm as a `FinalNorm`; a clear error when the model has no final norm module it can read."
+    nt = model.cfg.normalization_type
+    if nt is None: return FinalNorm(None, False, None, None)
+    ln = getattr(model, 'ln_final', None)
+    if ln is None:
+        raise ValueError(f"The model's config says normalization_type={nt!r} but the model has no final norm (ln_final): "
+                         f"its logits cannot be read from the residual stream; rebuild it with a final norm or normalization_type=None.")
+    if isinstance(ln, (tl_LayerNorm, tl_LayerNormPre)): center = True
+    elif isinstance(ln, (tl_RMSNorm, tl_RMSNormPre)): center = False
+    else:
+        raise ValueError(f"The model's final norm is a {type(ln).__name__}, not TransformerLens's LayerNorm, LayerNormPre, "
+                         f"RMSNorm or RMSNormPre: its scale cannot be read, so logits cannot be split into per-component terms.")
+    return FinalNorm('ln_final.hook_scale', center, getattr(ln, 'w', None), getattr(ln, 'b', None))
+
+def unembed_weights(model:HookedTransformer) -> tuple[Float[Tensor, "d_model d_vocab_out"], Float[Tensor, "d_vocab_out"]]:
+    "W_U and b_U: the logits are `final_norm(resid) @ W_U + b_U` (before any soft cap)."
+    return model.unembed.W_U, model.unembed.b_U
+
 # %% ../nbs/01_model.ipynb #55738eb4
 def positional_weights(model:HookedTransformer) -> Tensor:
     "The learned positional embedding matrix W_pos [n_ctx, d_model] (standard positional embeddings only)."
     if model.cfg.positional_embedding_type != 'standard':
         raise ValueError(f"The model has no learned positional embeddings ({model.cfg.positional_embedding_type!r}).")
     return model.pos_embed.W_pos
+
+# %% ../nbs/01_model.ipynb #48737a42
+def token_embeddings(model:HookedTransformer, ids:Int[Tensor, "n"]) -> Float[Tensor, "n d_model"]:
+    "Rows of the token embedding W_E for the token ids `ids` (no positional embedding)."
+    return model.W_E[torch.as_tensor(ids, device=model.W_E.device)]
+
+# %% ../nbs/01_model.ipynb #ec0704a2
+def embed_mlp0(model:HookedTransformer, ids:Int[Tensor, "n"]) -> Float[Tensor, "n d_model"]:
+    "The residual after block 0 of tokens seen without context: embedding plus MLP 0's output on it (block 0's attention and positions left out; the embedding alone in an attention-only model)."
+    e = token_embeddings(model, ids)
+    return e if model.cfg.attn_only else e + mlp_of(model, 0, e)
+
+# %% ../nbs/01_model.ipynb #99035125
+def head_ov(model:HookedTransformer, layer:int) -> FactoredMatrix:
+    "The OV circuits W_V W_O of the heads of block `layer`, as a FactoredMatrix [head_index d_model d_model] (index it by head)."
+    return model.blocks[layer].attn.OV
+
+# %% ../nbs/01_model.ipynb #e6326e4c
+def head_qk(model:HookedTransformer, layer:int) -> FactoredMatrix:
+    "The QK circuits W_Q W_K^T of the heads of block `layer`, as a FactoredMatrix [head_index d_model d_model]: query rows times key rows give attention scores (before scaling)."
+    return model.blocks[layer].attn.QK
+
+# %% ../nbs/01_model.ipynb #18c4b6b0
+def attn_scale(model:HookedTransformer, layer:int) -> float:
+    "What block `layer` divides attention scores by before the softmax."
+    return float(model.blocks[layer].attn.attn_scale)
+
+# %% ../nbs/01_model.ipynb #9f4e5e87
+def apply_final_norm(model:HookedTransformer, resid:Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    "The final norm applied to `resid` (unchanged if the model has none)."
+    return resid if model.cfg.normalization_type is None else apply_norm(model.ln_final, resid)
+
+# %% ../nbs/01_model.ipynb #1642e7c6
+def attention_patterns(model:HookedTransformer, tokens:Int[Tensor, "batch pos"],
+                       layers:Sequence[int]|None=None, # blocks whose heads to read (default all)
+                       query_pos:Sequence[int]|None=None, # keep only these query rows (e.g. [-1], the final position); default all
+                       batch_size:int|None=None, # prompts per forward pass (None: all at once)
+                      ) -> Float[Tensor, "batch layer head_index q_pos k_pos"]:
+    "Attention patterns of every head of `layers` on `tokens`, from forward passes that stop after the last of those blocks."
+    L = model.cfg.n_layers
+    layers = list(range(L)) if layers is None else [int(l) for l in layers]
+    bad = [l for l in layers if not 0 <= l < L]
+    if bad or not layers: raise ValueError(f"layers {bad or '[]'} do not exist: the model has {L} layers (0..{L-1}).")
+    if batch_size is not None and tokens.shape[0] > batch_size:
+        return torch.cat([attention_patterns(model, t, layers, query_pos, None) for t in tokens.split(batch_size)])
+    qp = None if query_pos is None else torch.as_tensor(list(query_pos))
+    out = {}
+    def save(pattern, hook): out[hook.layer()] = pattern if qp is None else pattern[:, :, qp.to(pattern.device)]
+    with torch.no_grad(), model.hooks(fwd_hooks=[(act_name('pattern', l), save) for l in layers]):
+        model(tokens.to(model.cfg.device), stop_at_layer=max(layers) + 1)
+    return torch.stack([out[l] for l in layers], 1)
 
 # %% ../nbs/01_model.ipynb #265d401f
 def prepare_tokenizer(tokenizer):

@@ -14,12 +14,18 @@ from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versi
 from .knockout import KNOCKOUT_STAGE, DROPS_STAGE
 from .patching import EDGES_STAGE
 from .compare import COMPARE_STAGE
+from .mlps import MLPS_STAGE, MLPS_TASKS_STAGE
+from .lens import LENS_STAGE, DLA_STAGE, LENS_TASKS_STAGE
+from .ov import OV_STAGE, SUCCESSOR_STAGE
+from .attention import ATTENTION_STAGE, SHARED_ATTENTION_STAGE
 
 # %% auto #0
 __all__ = ['STAGES', 'write_report']
 
 # %% ../nbs/90_report.ipynb #c5b3d108
-STAGES = [PROMPTS_STAGE, KNOCKOUT_STAGE, EDGES_STAGE, DROPS_STAGE, COMPARE_STAGE] # the whole study, in the order it runs
+STAGES = [PROMPTS_STAGE, KNOCKOUT_STAGE, EDGES_STAGE, DROPS_STAGE, MLPS_STAGE, LENS_STAGE, DLA_STAGE, OV_STAGE,
+          ATTENTION_STAGE, COMPARE_STAGE, MLPS_TASKS_STAGE, LENS_TASKS_STAGE, SUCCESSOR_STAGE,
+          SHARED_ATTENTION_STAGE] # the whole study, in the order it runs
 
 # %% ../nbs/90_report.ipynb #8b1ef07f
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}

@@ -41,12 +41,14 @@ def test_report_contents(full_run):
     assert 'Report:' in r.stdout and str(out) in r.stdout
     html = (out/'index.html').read_text()
     for text in ('Circuit on other task', 'Task: numerals', 'Task: months', 'removed from the full model',
-                 'removed from the circuit', 'Time per stage', 'transformer_lens'):
+                 'removed from the circuit', 'Time per stage', 'transformer_lens', 'MLP analysis', 'Logit lens',
+                 'Direct logit attribution', 'MLPs removed from the full model', 'Where the answer appears'):
         assert text in html, text
-    for f in ('_all/compare/circuits.png', '_all/compare/circuits.svg', 'numerals/edges/graph.png', 'months/drops/drops_from_full.png'):
+    for f in ('_all/compare/circuits.png', '_all/compare/circuits.svg', 'numerals/edges/graph.png', 'months/drops/drops_from_full.png',
+              'numerals/mlps/kinds.png', 'months/lens/lens.png', 'months/dla/dla.svg', '_all/lens_tasks/first_correct.png'):
         assert (out/f).stat().st_size > 1000, f
     on_other = pd.read_csv(out/'_all/compare/circuit_on_other_task.csv', index_col=0)
-    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months']
+    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months', 'shared core', 'random']
     # each task's own circuit keeps at least the threshold on its own data (the knockout's promise)
     for t in ('numerals', 'months'):
         assert on_other.loc[t, t] >= 80.0 - 1e-6, on_other
