@@ -15,7 +15,7 @@ __all__ = ['main']
 
 # %% ../nbs/91_cli.ipynb #5e252850
 def _parser() -> argparse.ArgumentParser:
-    from seqcircuits.study import StudySettings
+    from seqcircuits.study import StudySettings, EDGE_METHODS
     d = StudySettings()
     p = argparse.ArgumentParser(prog='seqcircuits', description="Find and compare sequence-continuation circuits.")
     sub = p.add_subparsers(dest='command', required=True)
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--out', default='seqcircuits-report', help='output folder')
     r.add_argument('--device', default=d.device, help='cpu or cuda')
     r.add_argument('--seed', type=int, default=d.seed)
+    r.add_argument('--edges', default=d.edges, choices=EDGE_METHODS, help="the edges stage's method: path (path patching, the research's), knockout (edge knockout: faithful by construction), acdc or eap")
+    r.add_argument('--baselines', action='store_true', help='also compare every edge method on each task (a slower stage)')
     r.add_argument('--overwrite', action='store_true', help='replace a study with other settings in --out')
     r.add_argument('--quiet', action='store_true', help='no progress bars or stage lines')
     t = sub.add_parser('train-organism', help='retrain the bundled model organism from scratch')
@@ -41,7 +43,8 @@ def _run(a) -> int:
     from seqcircuits.study import StudySettings, run_study
     from seqcircuits.report import STAGES, write_report
     settings = StudySettings(model=a.model, tasks=tuple(a.tasks), templates=tuple(a.templates), n_prompts=a.n_prompts,
-                             threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device)
+                             threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device,
+                             edges=a.edges)
     t0 = time.perf_counter()
     def line(stage, task, info):
         if a.quiet: return
@@ -50,8 +53,12 @@ def _run(a) -> int:
         summ = info.get('summary', {})
         extra = summ.get('circuit') or summ.get('shared') or ''
         print(f"{what}: {how}" + (f" - {extra}" if extra else ''), file=sys.stderr, flush=True)
-    out = run_study(settings, a.out, STAGES, overwrite=a.overwrite, progress=not a.quiet, on_stage=line)
-    report = write_report(out, STAGES)
+    stages = STAGES
+    if a.baselines:
+        from seqcircuits.baselines import BASELINES_STAGE
+        stages = STAGES + [BASELINES_STAGE]
+    out = run_study(settings, a.out, stages, overwrite=a.overwrite, progress=not a.quiet, on_stage=line)
+    report = write_report(out, stages)
     print(f"Report: {report.resolve()}" + ('' if a.quiet else f"  ({time.perf_counter() - t0:.1f} s)"))
     return 0
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versions
 from .knockout import KNOCKOUT_STAGE, DROPS_STAGE
-from .patching import EDGES_STAGE
+from .baselines import EDGES_STAGE
 from .compare import COMPARE_STAGE
 
 # %% auto #0
