@@ -105,9 +105,13 @@ def eap(model:HookedTransformer, prompts:PromptSet,
     t0 = time.perf_counter()
     sc = _scorer(model, prompts, start, metric, ablation, engine, batch_size, rows_per_pass, scorer)
     c0 = dict(sc.counts)
+    v0 = sc.values([frozenset()])[0]
+    if steps == 1 and sc.metric.needs_reference and abs(v0) < 1e-6:
+        raise ValueError(f"EAP with {sc.metric.name!r} where the start circuit is the full model ({sc.metric.name} {v0:.1e}): the "
+                         f"divergence is at its minimum there and its gradient is zero, so every edge would score 0. Use "
+                         f"EAP-IG (steps > 1) or a task metric.")
     a = sc.attributions((1.0,) if steps == 1 else tuple((i + 0.5) / steps for i in range(steps)), progress)
     t_attr = time.perf_counter() - t0
-    v0 = sc.values([frozenset()])[0]
     effects = {k: sc.score_of(v0 + float(x)) - sc.score_of(v0) for k, x in zip(sc.edges, a)}
     ranking = sorted(sc.edges, key=lambda k: -abs(effects[k]))
     if top_k is not None and not (isinstance(top_k, int) and 0 <= top_k <= len(ranking)):
@@ -434,7 +438,7 @@ def compare_edge_methods(model:HookedTransformer, prompts:PromptSet,
     curves = {name: faithfulness_curve(everything, c, points, label=name) for name, c in circuits.items()}
     return circuits, table, curves
 
-# %% ../nbs/14_baselines.ipynb #520abc51
+# %% ../nbs/14_baselines.ipynb #5a12c935
 _METHOD_NAMES = {'path': 'path patching', 'knockout': 'edge knockout', 'acdc': 'ACDC (at the threshold)', 'eap': 'edge attribution patching'}
 
 def run_edges(study:Study, task:str, folder:Path) -> dict:
@@ -446,7 +450,7 @@ def run_edges(study:Study, task:str, folder:Path) -> dict:
     save_figure(plot_circuit(c, model.cfg.n_layers), folder/'graph')
     return {'method': st.edges, 'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': c.score}
 
-# %% ../nbs/14_baselines.ipynb #31ad19b8
+# %% ../nbs/14_baselines.ipynb #d88cc626
 def html_edges(study:Study, task:str) -> str:
     "The edges stage's report section: the method, the size, the faithfulness and the graph."
     c = study.circuit(task, 'edges')
@@ -457,7 +461,7 @@ def html_edges(study:Study, task:str) -> str:
 
 EDGES_STAGE = Stage('edges', run_edges, html_edges, title='Edges')
 
-# %% ../nbs/14_baselines.ipynb #c2c1eb59
+# %% ../nbs/14_baselines.ipynb #8145210b
 def run_baselines(study:Study, task:str, folder:Path,
                   max_prompts:int=256, # compare on at most this many of the task's prompts (an even spread)
                  ) -> dict:
@@ -473,7 +477,7 @@ def run_baselines(study:Study, task:str, folder:Path,
     return {'n_prompts': len(idx), 'acdc_tau': table.attrs['acdc_tau'],
             'rows': table.drop(columns=['forwards', 'backwards', 'edge_sets']).to_dict('records')}
 
-# %% ../nbs/14_baselines.ipynb #fd88cda2
+# %% ../nbs/14_baselines.ipynb #d207eb43
 def html_baselines(study:Study, task:str) -> str:
     "The baselines stage's report section: the table and the curves."
     d, i = study.stage_dir('baselines', task), study.done_info('baselines', task)['summary']
