@@ -70,10 +70,11 @@ if __name__ == '__main__':
     ap.add_argument('--quick', action='store_true', help='the organism only, 64 prompts')
     ap.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's own choice)")
     ap.add_argument('--gpt2-prompts', type=int, default=16, help='prompts on the GPT-2-size model')
+    ap.add_argument('--only', choices=['organism', 'gpt2'], default=None, help='run one of the two models')
     a = ap.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if (organism_dir()/'model.safetensors').exists():
+    if a.only != 'gpt2' and (organism_dir()/'model.safetensors').exists():
         model = load_model()
         ps, _ = filter_prompts(model, make_prompts(model, 'numerals', 'born', n_prompts=256, seed=0))
         ps = ps[:64] if a.quick else ps
@@ -81,7 +82,7 @@ if __name__ == '__main__':
         nodes, t = timed(lambda: find_circuit(model, ps, ablation=abl, progress=False))
         print(f"organism: node knockout {t:.2f} s")
         bench('organism, numerals "born"', model, ps, abl, nodes, acdc_too=True)
-    if not a.quick:
+    if not a.quick and a.only != 'organism':
         cfg = gpt2_small_config(n_ctx=64, act_fn='gelu')
         model = random_model(cfg, seed=0)
         if find_gpt2_tokenizer() is not None:

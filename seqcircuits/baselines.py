@@ -269,9 +269,12 @@ def path_patching(model:HookedTransformer, prompts:PromptSet,
     if not isinstance(start, Circuit) or not start.nodes:
         raise ValueError("Path patching starts from a node circuit: pass the knockout circuit as `start`.")
     t0 = time.perf_counter()
-    c = find_edges(model, prompts, start, threshold=threshold, metric=metric, ablation=ablation, progress=progress, **kwargs)
-    n = len(c.meta['receivers'])
-    return replace(c, meta=dict(c.meta, forwards=3 + n + 2, backwards=0, sets=n, seconds=round(time.perf_counter() - t0, 4)))
+    c = find_edges(model, prompts, start, threshold=threshold, metric=metric, ablation=ablation, progress=progress,
+                   faithfulness=False, **kwargs)
+    sc = EdgeScorer(model, prompts, start, metric, c.meta['ablation'] if isinstance(ablation, str) else ablation)
+    n = len(c.meta['receivers'])  # scored on the start's edges: a dropped node sends no edge, the same as ablated
+    return replace(c, score=sc.score(sc.missing(c)), meta=dict(c.meta, forwards=3 + n + sc.counts['forwards'] + 1, backwards=0,
+                                                                sets=n + 1, seconds=round(time.perf_counter() - t0, 4)))
 
 # %% ../nbs/14_baselines.ipynb #647853da
 def find_edge_circuit(model:HookedTransformer, prompts:PromptSet,
