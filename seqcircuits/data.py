@@ -422,53 +422,73 @@ def _filter_mask(logits_last:Float[Tensor, "batch d_vocab"], # logits at the fin
 
 # %% ../nbs/02_data.ipynb #8130026c
 def _balanced_keep(passed:Bool[Tensor, "batch"], # prompts that passed the filter
-                   starts:Sequence[int], # start member of each prompt
-                   balance:bool=True, # keep the same number per start member
-                  ) -> tuple[list[int], dict[int, int]]:
-    "Indices to keep (the first k passing prompts of every start member, k the smallest count) and k per start."
-    groups: dict[int, list[int]] = {}
-    for i, s in enumerate(starts): groups.setdefault(s, [])
-    for i, s in enumerate(starts):
-        if passed[i]: groups[s].append(i)
-    k = min(len(g) for g in groups.values()) if balance else None
-    if balance and k == 0 and any(groups.values()):
-        empty = [s for s, g in groups.items() if not g]
-        raise ValueError(f"Cannot keep the set balanced: no prompt with start member {empty} passed the filter while "
-                         f"{sum(map(len, groups.values()))} others did. Drop those start members (make_prompts(starts=...)) "
+                   groups:Sequence, # each prompt's group: its start member, or (template, start member)
+                   balance:bool=True, # keep the same number per group
+                   max_per_group:int|None=None, # keep at most this many per group
+                  ) -> tuple[list[int], dict]:
+    "Indices to keep (the first k passing prompts of every group, k the smallest count or `max_per_group`) and k per group."
+    by: dict = {}
+    for g in groups: by.setdefault(g, [])
+    for i, g in enumerate(groups):
+        if passed[i]: by[g].append(i)
+    k = min(len(v) for v in by.values()) if balance else None
+    if max_per_group is not None: k = max_per_group if k is None else min(k, max_per_group)
+    if balance and k == 0 and any(by.values()):
+        empty = [g for g, v in by.items() if not v]
+        what = '(template, start member)' if isinstance(empty[0], tuple) else 'start member'
+        raise ValueError(f"Cannot keep the set balanced: no prompt with {what} {empty} passed the filter while "
+                         f"{sum(map(len, by.values()))} others did. Drop those start members (make_prompts(starts=...)) "
                          f"or pass balance=False.")
-    keep = sorted(i for g in groups.values() for i in (g[:k] if balance else g))
-    return keep, {s: len(g[:k]) if balance else len(g) for s, g in groups.items()}
+    keep = sorted(i for v in by.values() for i in v[:k])
+    return keep, {g: len(v[:k]) for g, v in by.items()}
+
+# %% ../nbs/02_data.ipynb #f02b5e9f
+def _templates_of(prompts:PromptSet) -> tuple[str, ...]:
+    "Each prompt's template: from the parts a pooled set was made of (`concat_prompts`), else the set's own."
+    parts = prompts.meta.get('parts')
+    if parts and sum(p['n'] for p in parts) == prompts.n_prompts:
+        return tuple(p['template'] for p in parts for _ in range(p['n']))
+    return (prompts.template,) * prompts.n_prompts
 
 # %% ../nbs/02_data.ipynb #4ccc6d35
 def filter_prompts(model, # the model under study (a HookedTransformer or a tokens -> logits module)
-                   prompts:PromptSet, # the set to filter
+                   prompts:PromptSet, # the set to filter (one template, or several pooled by `concat_prompts`)
                    ratio:float=2.0, # keep only prompts with p(answer) > ratio x p(wrong)
-                   balance:bool=True, # keep the same number of prompts for every start member
+                   balance:bool=True, # keep the same number of prompts for every (template, start member)
                    batch_size:int=256, # prompts per forward pass
+                   max_per_group:int|None=None, # keep at most this many per (template, start member): make extra prompts, keep a fixed number
                   ) -> tuple[PromptSet, pd.DataFrame]:
-    "The prompts the model gets right (top-1 is the answer, p(answer) > ratio x p(wrong)), and a report per start member."
+    "The prompts the model gets right (top-1 is the answer, p(answer) > ratio x p(wrong)), and a report per (template,) start member."
     d_vocab = getattr(getattr(model, 'cfg', None), 'd_vocab', None)
     if d_vocab is not None: prompts.check_vocab(d_vocab, f"the model's vocabulary")
     with torch.no_grad(): logits = final_logits(model, prompts.clean, batch_size).float().cpu()
     top1, beats = _filter_mask(logits, prompts.answer, prompts.wrong, ratio)
     passed = top1 & beats
-    starts = prompts.starts or (0,) * prompts.n_prompts
     if not passed.any():
         raise ValueError(f"No prompt survives the filter: of {prompts.n_prompts} {prompts.task}/{prompts.template} prompts, "
                          f"{int((~top1).sum())} failed top-1 (the model's most likely token was not the answer) and "
                          f"{int((top1 & ~beats).sum())} more had p(answer) <= {ratio} x p(wrong). Is this the model you meant?")
-    keep, per = _balanced_keep(passed, starts, balance)
-    s = pd.Series(starts)
-    report = pd.DataFrame(dict(n=s.value_counts(sort=False), failed_top1=s[~top1.numpy()].value_counts(sort=False),
-                               failed_ratio=s[(top1 & ~beats).numpy()].value_counts(sort=False),
-                               passed=s[passed.numpy()].value_counts(sort=False))).fillna(0).astype(int).sort_index()
-    report['kept'] = [per[i] for i in report.index]
+    starts, templates = prompts.starts or (0,) * prompts.n_prompts, _templates_of(prompts)
+    several = len(set(templates)) > 1  # pooled templates: balance each (template, start member), not the pool
+    groups = list(zip(templates, starts)) if several else list(starts)
+    keep, per = _balanced_keep(passed, groups, balance, max_per_group)
+    order = {t: i for i, t in enumerate(dict.fromkeys(templates))}
+    idx = sorted(set(groups), key=(lambda g: (order[g[0]], g[1])) if several else None)
+    pos = {g: i for i, g in enumerate(idx)}
+    gid = torch.tensor([pos[g] for g in groups])
+    count = lambda m: torch.bincount(gid[m], minlength=len(idx)).tolist()
+    report = pd.DataFrame(dict(n=count(torch.ones_like(passed)), failed_top1=count(~top1), failed_ratio=count(top1 & ~beats),
+                               passed=count(passed), kept=[per[g] for g in idx]),
+                          index=pd.MultiIndex.from_tuples(idx, names=['template', 'start']) if several else pd.Index(idx, name='start'))
     report['dropped'] = report.n - report.kept
     report['dropped_for_balance'] = report.passed - report.kept
-    report.index.name = 'start'
     out = prompts[keep]
-    out = replace(out, meta={**out.meta, 'filter': dict(ratio=ratio, balance=balance, n_before=prompts.n_prompts, n_kept=len(keep))})
-    return out, report
+    meta = {**out.meta, 'filter': dict(ratio=ratio, balance=balance, max_per_group=max_per_group, n_before=prompts.n_prompts, n_kept=len(keep))}
+    if several:  # the kept set still knows its templates
+        ends = torch.tensor([p['n'] for p in prompts.meta['parts']]).cumsum(0).tolist()
+        kept = torch.tensor(keep)
+        meta['parts'] = [{**p, 'n': int(((kept >= e - p['n']) & (kept < e)).sum())} for p, e in zip(prompts.meta['parts'], ends)]
+    return replace(out, meta=meta), report
 
 # %% ../nbs/02_data.ipynb #25e84bfc
 @torch.no_grad()

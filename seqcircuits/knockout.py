@@ -8,7 +8,7 @@ import html, random
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,9 +26,9 @@ from .study import Study, Stage, html_table, html_image
 
 # %% auto #0
 __all__ = ['DEFAULT_ORDER', 'FORWARD_FIRST', 'KNOCKOUT_STAGE', 'DROPS_STAGE', 'Direction', 'Pass', 'Order', 'random_order',
-           'get_order', 'KnockoutStep', 'find_circuit', 'history_frame', 'circuit_score', 'drop_table', 'top_drops',
-           'plot_drops', 'Stability', 'knockout_stability', 'plot_stability', 'run_knockout', 'html_knockout',
-           'run_drops', 'html_drops']
+           'get_order', 'KnockoutStep', 'find_circuit', 'history_frame', 'circuit_scores', 'circuit_score',
+           'drop_table', 'top_drops', 'plot_drops', 'Stability', 'knockout_stability', 'plot_stability', 'run_knockout',
+           'html_knockout', 'run_drops', 'html_drops']
 
 # %% ../nbs/08_knockout.ipynb #37bc5669
 class Direction(str, Enum):
@@ -209,6 +209,17 @@ def history_frame(circuit:Circuit) -> pd.DataFrame:
     return df
 
 # %% ../nbs/08_knockout.ipynb #f21939c8
+def circuit_scores(model:HookedTransformer, prompts:PromptSet,
+                   circuits:Mapping[str, Circuit|Iterable[Node|str]], # name -> a circuit, or its nodes
+                   metric:str|Metric='logit_diff', # 'logit_diff', 'prob', 'accuracy', 'kl' or a Metric
+                   ablation:str|AblationKind|Ablation='mean', # how everything outside each circuit is replaced
+                   batch_size:int|None=None, # prompts per forward pass (None: all at once)
+                  ) -> dict[str, float]:
+    "The score of each circuit (everything else ablated) as a fraction of the full model's metric, by plain forwards; the full model runs once."
+    scorer = NodeScorer(model, prompts, metric, ablation, engine='hooks', batch_size=batch_size)
+    return {k: scorer.score(complement(model, _as_nodes(model, c))) for k, c in circuits.items()}
+
+# %% ../nbs/08_knockout.ipynb #703a6d0c
 def circuit_score(model:HookedTransformer, prompts:PromptSet,
                   circuit:Circuit|Iterable[Node|str], # the circuit, or its nodes
                   metric:str|Metric='logit_diff', # 'logit_diff', 'prob', 'accuracy', 'kl' or a Metric
@@ -216,8 +227,7 @@ def circuit_score(model:HookedTransformer, prompts:PromptSet,
                   batch_size:int|None=None, # prompts per forward pass (None: all at once)
                  ) -> float:
     "The score of `circuit` (everything else ablated) as a fraction of the full model's metric, by plain forwards."
-    keep = _as_nodes(model, circuit)
-    return NodeScorer(model, prompts, metric, ablation, engine='hooks', batch_size=batch_size).score(complement(model, keep))
+    return circuit_scores(model, prompts, {'': circuit}, metric, ablation, batch_size)['']
 
 # %% ../nbs/08_knockout.ipynb #d3dfb869
 def _grid_shape(df:pd.DataFrame) -> tuple[int, int]:

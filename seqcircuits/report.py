@@ -14,20 +14,27 @@ from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versi
 from .knockout import KNOCKOUT_STAGE, DROPS_STAGE
 from .baselines import EDGES_STAGE
 from .compare import COMPARE_STAGE
+from .mlps import MLPS_STAGE, MLPS_TASKS_STAGE
+from .lens import LENS_STAGE, DLA_STAGE, LENS_TASKS_STAGE
+from .ov import OV_STAGE, SUCCESSOR_STAGE
+from .attention import ATTENTION_STAGE, SHARED_ATTENTION_STAGE
 
 # %% auto #0
 __all__ = ['STAGES', 'write_report']
 
 # %% ../nbs/90_report.ipynb #c5b3d108
-STAGES = [PROMPTS_STAGE, KNOCKOUT_STAGE, EDGES_STAGE, DROPS_STAGE, COMPARE_STAGE] # the whole study, in the order it runs
+STAGES = [PROMPTS_STAGE, KNOCKOUT_STAGE, EDGES_STAGE, DROPS_STAGE, MLPS_STAGE, LENS_STAGE, DLA_STAGE, OV_STAGE,
+          ATTENTION_STAGE, COMPARE_STAGE, MLPS_TASKS_STAGE, LENS_TASKS_STAGE, SUCCESSOR_STAGE,
+          SHARED_ATTENTION_STAGE] # the whole study, in the order it runs
 
-# %% ../nbs/90_report.ipynb #ae388fb6
+# %% ../nbs/90_report.ipynb #8b1ef07f
 _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em} .sub{color:#666}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4} td:first-child,th:first-child{text-align:left} img{max-width:100%;border:1px solid #eee;margin:.4em 0}
 code{background:#f4f4f4;padding:0 .3em} .grid{display:flex;flex-wrap:wrap;gap:1em} .grid>div{flex:1 1 480px}"""
 
+# %% ../nbs/90_report.ipynb #56921f63
 def write_report(out:str|Path, # the study folder
                  stages:Sequence[Stage]=STAGES, # the stages whose sections it shows (those that finished)
                 ) -> Path:

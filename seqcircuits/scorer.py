@@ -75,8 +75,7 @@ class NodeScorer:
         S = frozenset(removed)
         if S in self.memo: self.n_memo_hits += 1; return self.memo[S]
         check_nodes(self.model, S)
-        logits = [self._logits_fast(c, S) if self.engine == Engine.FAST else self._logits_ref(c, S) for c in self.chunks]
-        s = self.metric.score(self._value(logits), self.full)
+        s = self.metric.score(self._value(self._chunk_logits(S)), self.full)
         self.n_evals += 1
         if self.engine == Engine.FAST: self.memo[S] = s
         return s
@@ -86,6 +85,15 @@ class NodeScorer:
         "The same score by one plain forward with hooks, whatever the engine (a check on the fast engine)."
         S = frozenset(check_nodes(self.model, removed))
         return self.metric.score(self._value([self._logits_ref(c, S) for c in self.chunks]), self.full)
+
+    @torch.no_grad()
+    def logits(self, removed:Iterable[Node]) -> Tensor:
+        "The final-position logits [batch, d_vocab] of every prompt with `removed` ablated (by the scorer's engine)."
+        return torch.cat(self._chunk_logits(frozenset(check_nodes(self.model, removed))))
+
+    def _chunk_logits(self, S:frozenset) -> list[Tensor]:
+        "Each chunk's final-position logits with `S` removed, by the scorer's engine."
+        return [self._logits_fast(c, S) if self.engine == Engine.FAST else self._logits_ref(c, S) for c in self.chunks]
 
     def set_base(self, removed:Iterable[Node]):
         "Move the cache to a new base set of removed components (only what changed is recomputed, when needed)."

@@ -50,7 +50,7 @@ class StudySettings:
         for t in self.tasks: get_task(t)
         for t in self.templates: get_template(t)
         get_metric(self.metric)
-        lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'one of these names')
+        lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'an AblationKind')
         if self.edges not in EDGE_METHODS: raise ValueError(f"Unknown edge method {self.edges!r}: use one of {list(EDGE_METHODS)}.")
         per = self.n_prompts // max(len(self.templates), 1)
         if per * len(self.templates) != self.n_prompts or per < 8 or per % 8:
@@ -121,21 +121,26 @@ def html_image(rel:str, # the image's path relative to the study folder, e.g. f"
     return f'<img src="{html.escape(rel)}" alt="{html.escape(alt)}">'
 
 # %% ../nbs/06_study.ipynb #08090a87
+_SPARE = 1.25 # prompts made per prompt kept: room for the prompts a model fails
+
 def run_prompts(study:Study, task:str, folder:Path) -> dict:
     "The prompts stage: one prompt set per task (its templates pooled), filtered by the model (`prompts.json`, `filter.csv`)."
     st, model = study.settings, study.model
-    per = st.n_prompts // len(st.templates)
-    sets = [make_prompts(model, task, t, n_prompts=per, seed=st.seed + i) for i, t in enumerate(st.templates)]
+    per = st.n_prompts // len(st.templates)  # kept per template: per // 8 for each of the 8 start members
+    made = -(-int(per * _SPARE) // 8) * 8
+    sets = [make_prompts(model, task, t, n_prompts=made, seed=st.seed + i) for i, t in enumerate(st.templates)]
     raw = concat_prompts(sets, task=task)
-    kept, report = filter_prompts(model, raw)
-    kept.to_json(folder/'prompts.json'); report.to_csv(folder/'filter.csv', index=False)
-    return {'n_made': raw.n_prompts, 'n_kept': kept.n_prompts, 'n_pos': kept.n_pos, 'example': kept.prompts[0] if kept.prompts else ''}
+    kept, report = filter_prompts(model, raw, max_per_group=per // 8)
+    kept.to_json(folder/'prompts.json'); report.reset_index().to_csv(folder/'filter.csv', index=False)
+    return {'n_made': raw.n_prompts, 'n_wanted': st.n_prompts, 'n_kept': kept.n_prompts, 'n_pos': kept.n_pos,
+            'example': kept.prompts[0] if kept.prompts else ''}
 
 # %% ../nbs/06_study.ipynb #a71ee449
 def html_prompts(study:Study, task:str) -> str:
     "The prompts stage's report section: how many prompts the filter kept, an example, and the filter report."
     i = study.done_info('prompts', task)['summary']
-    return '\n'.join([f"<p>{i['n_kept']} of {i['n_made']} prompts kept by the filter ({i['n_pos']} tokens each). "
+    return '\n'.join([f"<p>{i['n_kept']} of the {i.get('n_wanted', i['n_made'])} prompts wanted kept by the filter, from "
+                      f"{i['n_made']} made ({i['n_pos']} tokens each). "
                       f"Example: <code>{html.escape(i['example'])}</code></p>",
                       "<details><summary>Filter report</summary>",
                       html_table(pd.read_csv(study.stage_dir('prompts', task)/'filter.csv')), "</details>"])

@@ -7,7 +7,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from seqcircuits.core import Node, PromptSet, Circuit
 from seqcircuits.metrics import Metric
-from seqcircuits.model import all_nodes, organism_dir, load_model
+from seqcircuits.model import all_nodes
 from seqcircuits.data import model_labelled_prompts
 from seqcircuits.knockout import (find_circuit, history_frame, knockout_stability, drop_table,
                                   KnockoutStep, NodeScorer, random_order, FORWARD_FIRST)
@@ -63,10 +63,9 @@ def rand():
     return model, model_labelled_prompts(model, n_prompts=16, n_pos=9, wrong_rank=39)
 
 @pytest.fixture(scope='module')
-def organism():
-    if not (organism_dir() / 'config.json').exists(): pytest.skip('no bundled organism')
+def organism(organism_model):
     from seqcircuits.data import make_prompts, filter_prompts
-    model = load_model()
+    model = organism_model
     ps, _ = filter_prompts(model, make_prompts(model, 'numerals', 'born', n_prompts=32))
     return model, ps
 
@@ -170,8 +169,6 @@ def test_bad_input(rand):
         find_circuit(model, PromptSet.from_tensors(ps.clean, ps.corrupted, ps.wrong, ps.answer), progress=False)
     with pytest.raises(ValueError, match=r"token ids \[40\] outside the model's vocabulary"):
         find_circuit(model, PromptSet.from_tensors(ps.clean, ps.corrupted, ps.answer.clamp(max=39) * 0 + 40, ps.wrong), progress=False)
-    with pytest.raises(ValueError, match='must have the same shape'):
-        PromptSet.from_tensors(ps.clean, ps.corrupted[:8], ps.answer, ps.wrong)
     with pytest.raises(ValueError, match='must be >= 1'):
         NodeScorer(model, ps, batch_size=0)
 

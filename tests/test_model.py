@@ -5,21 +5,17 @@ import pytest
 import torch
 
 from seqcircuits.model import load_model, save_model, organism_dir, config_fingerprint, ModelUnavailableError
+from conftest import ORGANISM_MAX_BYTES
 
 
-@pytest.fixture(scope='module')
-def organism():
-    return load_model()
-
-
-def test_organism_loads_offline_with_its_tokenizer(organism, monkeypatch):
+def test_organism_loads_offline_with_its_tokenizer(organism_model, monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     m = load_model('organism')
-    assert config_fingerprint(m.cfg) == config_fingerprint(organism.cfg)
+    assert config_fingerprint(m.cfg) == config_fingerprint(organism_model.cfg)
     assert len(m.tokenizer) <= m.cfg.d_vocab
     assert m.to_str_tokens(' January February', prepend_bos=False) == ['January', 'February']
     size = sum(p.stat().st_size for p in organism_dir().iterdir())
-    assert size < 8 * 2**20, f'the organism is {size/2**20:.1f} MiB; keep it to a few MB'
+    assert size < ORGANISM_MAX_BYTES, f'the organism is {size/2**20:.1f} MiB; keep it under {ORGANISM_MAX_BYTES / 2**20:.0f} MiB'
 
 
 def test_pretrained_name_fails_fast_offline(monkeypatch):
@@ -36,7 +32,8 @@ def test_unknown_name_lists_valid_names():
         load_model('gpt-7')
 
 
-def test_saved_folder_round_trip_and_mismatches(organism, tmp_path):
+def test_saved_folder_round_trip_and_mismatches(organism_model, tmp_path):
+    organism = organism_model
     d = save_model(organism, tmp_path/'m')
     back = load_model(d)
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in organism.state_dict().items())

@@ -7,7 +7,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from seqcircuits.core import Node, NodeKind, Channel, Edge, Circuit, PromptSet
-from seqcircuits.model import config_fingerprint, enable_edge_hooks, organism_dir, load_model
+from seqcircuits.model import config_fingerprint, enable_edge_hooks
 from seqcircuits.metrics import get_metric
 from seqcircuits.ablation import compute_ablation, ablated, complement
 from seqcircuits.patching import (patching_runs, score_senders, find_edges, edge_faithfulness, receivers_of, senders_of,
@@ -76,10 +76,9 @@ def rand3():
 
 
 @pytest.fixture(scope='module')
-def organism():
-    if not (organism_dir()/'model.safetensors').exists(): pytest.skip('the model organism is not bundled yet')
+def organism(organism_model):
     from seqcircuits.data import make_prompts, filter_prompts
-    model = load_model()
+    model = organism_model
     prompts, _ = filter_prompts(model, make_prompts(model, 'numerals', 'done', n_prompts=64, seed=0))
     prompts = prompts[:16]
     L, H = model.cfg.n_layers, model.cfg.n_heads

@@ -1,5 +1,6 @@
 """End-to-end: the `seqcircuits run` command on the bundled organism, including an interrupted and resumed run."""
 import json, os, signal, subprocess, sys, time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -34,17 +35,20 @@ def full_run(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow  # a whole study through the command line
 def test_report_contents(full_run):
     out, r = full_run
     assert 'Report:' in r.stdout and str(out) in r.stdout
     html = (out/'index.html').read_text()
     for text in ('Circuit on other task', 'Task: numerals', 'Task: months', 'removed from the full model',
-                 'removed from the circuit', 'Time per stage', 'transformer_lens'):
+                 'removed from the circuit', 'Time per stage', 'transformer_lens', 'MLP analysis', 'Logit lens',
+                 'Direct logit attribution', 'MLPs removed from the full model', 'Where the answer appears'):
         assert text in html, text
-    for f in ('_all/compare/circuits.png', '_all/compare/circuits.svg', 'numerals/edges/graph.png', 'months/drops/drops_from_full.png'):
+    for f in ('_all/compare/circuits.png', '_all/compare/circuits.svg', 'numerals/edges/graph.png', 'months/drops/drops_from_full.png',
+              'numerals/mlps/kinds.png', 'months/lens/lens.png', 'months/dla/dla.svg', '_all/lens_tasks/first_correct.png'):
         assert (out/f).stat().st_size > 1000, f
     on_other = pd.read_csv(out/'_all/compare/circuit_on_other_task.csv', index_col=0)
-    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months']
+    assert list(on_other.index) == ['numerals', 'months'] and list(on_other.columns) == ['numerals', 'months', 'shared core', 'random']
     # each task's own circuit keeps at least the threshold on its own data (the knockout's promise)
     for t in ('numerals', 'months'):
         assert on_other.loc[t, t] >= 80.0 - 1e-6, on_other
@@ -52,6 +56,7 @@ def test_report_contents(full_run):
         assert abs(100 * c['score'] - on_other.loc[t, t]) < 0.01
 
 
+@pytest.mark.slow  # a whole study through the command line
 def test_resume_after_kill_gives_same_results(full_run, tmp_path):
     out_full, _ = full_run
     out = tmp_path/'killed'
@@ -66,11 +71,16 @@ def test_resume_after_kill_gives_same_results(full_run, tmp_path):
     r = cli(*ARGS, '--out', str(out), timeout=600)
     assert r.returncode == 0, r.stderr
     assert results(out) == results(out_full)
-    # a third run finds everything done and recomputes nothing
-    t0 = time.time(); r = cli(*ARGS, '--out', str(out)); assert r.returncode == 0
+    # a third run finds everything done and recomputes nothing: no stage function is called
+    from seqcircuits.study import StudySettings, run_study
+    from seqcircuits.report import STAGES
+    def never(study, task, folder): raise AssertionError(f'a finished stage was recomputed ({folder})')
+    settings = StudySettings.from_dict(json.loads((out/'settings.json').read_text()))
+    run_study(settings, out, [replace(s, run=never) for s in STAGES], progress=False)
     assert results(out) == results(out_full)
 
 
+@pytest.mark.slow  # a whole study through the command line
 def test_other_settings_same_dir_is_an_error(full_run):
     out, _ = full_run
     r = cli(*ARGS[:-1], '--threshold', '0.7', '--out', str(out))
