@@ -441,19 +441,25 @@ def compare_edge_methods(model:HookedTransformer, prompts:PromptSet,
     curves = {name: faithfulness_curve(everything, c, points, label=name) for name, c in circuits.items()}
     return circuits, table, curves
 
-# %% ../nbs/14_baselines.ipynb #5a12c935
+# %% ../nbs/14_baselines.ipynb #801d10b3
 _METHOD_NAMES = {'path': 'path patching', 'knockout': 'edge knockout', 'acdc': 'ACDC (at the threshold)', 'eap': 'edge attribution patching'}
+
+def _untimed(meta:dict) -> dict:
+    "`meta` without wall times (a resumed study writes the same files as a fresh one; the stage's time is in done.json)."
+    drop = lambda d: {k: v for k, v in d.items() if k not in ('seconds', 'attribution_seconds')}
+    return {k: [drop(x) if isinstance(x, dict) else x for x in v] if isinstance(v, list) else v for k, v in drop(meta).items()}
 
 def run_edges(study:Study, task:str, folder:Path) -> dict:
     "The edges stage: the edges of the task's knockout circuit by the study's edge method (`circuit.json`) and its graph."
     st, model = study.settings, study.model
     c = find_edge_circuit(model, study.prompts(task), study.circuit(task), st.edges, st.threshold, st.metric,
                           study.ablation(task), study.progress)
+    c = replace(c, meta=_untimed(c.meta))
     c.to_json(folder/'circuit.json')
     save_figure(plot_circuit(c, model.cfg.n_layers), folder/'graph')
     return {'method': st.edges, 'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': c.score}
 
-# %% ../nbs/14_baselines.ipynb #d88cc626
+# %% ../nbs/14_baselines.ipynb #7e033c06
 def html_edges(study:Study, task:str) -> str:
     "The edges stage's report section: the method, the size, the faithfulness and the graph."
     c = study.circuit(task, 'edges')
@@ -464,7 +470,7 @@ def html_edges(study:Study, task:str) -> str:
 
 EDGES_STAGE = Stage('edges', run_edges, html_edges, title='Edges')
 
-# %% ../nbs/14_baselines.ipynb #8145210b
+# %% ../nbs/14_baselines.ipynb #79fe42a2
 def run_baselines(study:Study, task:str, folder:Path,
                   max_prompts:int=256, # compare on at most this many of the task's prompts (an even spread)
                  ) -> dict:
@@ -480,7 +486,7 @@ def run_baselines(study:Study, task:str, folder:Path,
     return {'n_prompts': len(idx), 'acdc_tau': table.attrs['acdc_tau'],
             'rows': table.drop(columns=['forwards', 'backwards', 'edge_sets']).to_dict('records')}
 
-# %% ../nbs/14_baselines.ipynb #d207eb43
+# %% ../nbs/14_baselines.ipynb #0293845a
 def html_baselines(study:Study, task:str) -> str:
     "The baselines stage's report section: the table and the curves."
     d, i = study.stage_dir('baselines', task), study.done_info('baselines', task)['summary']
