@@ -15,7 +15,7 @@ __all__ = ['main']
 
 # %% ../nbs/91_cli.ipynb #5e252850
 def _parser() -> argparse.ArgumentParser:
-    from seqcircuits.study import StudySettings
+    from seqcircuits.study import StudySettings, EDGE_METHODS
     d = StudySettings()
     p = argparse.ArgumentParser(prog='seqcircuits', description="Find and compare sequence-continuation circuits.")
     sub = p.add_subparsers(dest='command', required=True)
@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--out', default='seqcircuits-report', help='output folder')
     r.add_argument('--device', default=d.device, help='cpu or cuda')
     r.add_argument('--seed', type=int, default=d.seed, help='seed of the prompt sets')
+    r.add_argument('--edges', default=d.edges, choices=EDGE_METHODS, help="the edges stage's method: path (path patching, the research's), knockout (edge knockout: faithful by construction), acdc or eap")
+    r.add_argument('--baselines', action='store_true', help='also compare every edge method on each task (a slower stage)')
     r.add_argument('--overwrite', action='store_true', help="replace a study with other settings or weights in --out "
                    "(only the files the study wrote are removed; a folder that is not a study is never touched)")
     r.add_argument('--quiet', action='store_true', help='no progress bars or stage lines')
@@ -43,7 +45,8 @@ def _run(a) -> int:
     from seqcircuits.study import StudySettings, StudyWarning, run_study
     from seqcircuits.report import STAGES, write_report
     settings = StudySettings(model=a.model, tasks=tuple(a.tasks), templates=tuple(a.templates), n_prompts=a.n_prompts,
-                             threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device)
+                             threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device,
+                             edges=a.edges)
     t0 = time.perf_counter()
     def line(stage, task, info):
         if a.quiet: return
@@ -52,6 +55,10 @@ def _run(a) -> int:
         summ = info.get('summary', {})
         extra = summ.get('circuit') or summ.get('shared') or ''
         print(f"{what}: {how}" + (f" - {extra}" if extra else ''), file=sys.stderr, flush=True)
+    stages = STAGES
+    if a.baselines:
+        from seqcircuits.baselines import BASELINES_STAGE
+        stages = STAGES + [BASELINES_STAGE]
     report = []
     show = warnings.showwarning
     def warn(message, category, *args, **kw):  # a repaired study file: one line, even with --quiet
@@ -60,8 +67,8 @@ def _run(a) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter('always', StudyWarning)
         warnings.showwarning = warn
-        run_study(settings, a.out, STAGES, overwrite=a.overwrite, progress=not a.quiet, on_stage=line,
-                  after=lambda out: report.append(write_report(out, STAGES)))  # under the study's lock
+        run_study(settings, a.out, stages, overwrite=a.overwrite, progress=not a.quiet, on_stage=line,
+                  after=lambda out: report.append(write_report(out, stages)))  # under the study's lock
     print(f"Report: {report[0].resolve()}" + ('' if a.quiet else f"  ({time.perf_counter() - t0:.1f} s)"))
     return 0
 

@@ -54,9 +54,9 @@ def circuit_layout(nodes:set[Node]|frozenset[Node], n_layers:int) -> dict:
 
 # %% ../nbs/05_graphs.ipynb #4ff8ed08
 def edge_effect(edge:Edge, score_form:str='ratio') -> float:
-    "How much an edge matters, >= 0: 1 - score for the ratio form, |score| for the normalized form, 1 if unscored."
+    "How much an edge matters, >= 0: 1 - score for the ratio form, |score| for the normalized and effect forms, 1 if unscored."
     if edge.score is None: return 1.0
-    return abs(edge.score) if score_form == 'normalized' else max(0.0, 1.0 - edge.score)
+    return abs(edge.score) if score_form in ('normalized', 'effect') else max(0.0, 1.0 - edge.score)
 
 def _box(ax, xy, text, kind, gid, marked=False, fill=None, small=False):
     x, y = xy

@@ -4,11 +4,9 @@
 
 # %% ../nbs/09_path_patching.ipynb #fd3f7bc7
 from __future__ import annotations
-import html
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -26,51 +24,11 @@ from .model import (Engine, resolve_engine, node_out_hook, receiver_hook, resid_
                                available_memory, node_contribution)
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, compute_ablation, get_ablation, ablation_hooks, complement
-from .graphs import plot_circuit, save_figure
-from .study import Study, Stage, html_image
+from .edge_scorer import EdgeScorer, check_circuit, receivers_of, senders_of
 
 # %% auto #0
-__all__ = ['EDGES_STAGE', 'check_circuit', 'receivers_of', 'senders_of', 'ScoreForm', 'get_score_form', 'PatchingRuns',
-           'patching_runs', 'patching_cache_bytes', 'score_senders', 'edge_faithfulness', 'find_edges', 'edge_table',
-           'run_edges', 'html_edges']
-
-# %% ../nbs/09_path_patching.ipynb #50761dd3
-def check_circuit(model:HookedTransformer, circuit:Circuit) -> Circuit:
-    "Raise a clear error if `circuit` does not belong to `model`, is empty, or has edges that leave its nodes."
-    check_same_model([circuit], config_fingerprint(model.cfg), model.cfg.model_name, doing='patch paths of this circuit')
-    if not circuit.nodes:
-        raise ValueError("The circuit is empty: path patching needs the heads and MLPs of a node circuit. "
-                         "Find one first (seqcircuits.knockout.find_circuit) or build one with Circuit.from_names.")
-    if model.cfg.parallel_attn_mlp:
-        raise NotImplementedError("Models whose attention and MLP read the same residual stream (parallel_attn_mlp) "
-                                  "are not supported: an MLP there does not read its own block's heads.")
-    kv = getattr(model.cfg, 'n_key_value_heads', None)
-    if kv is not None and kv != model.cfg.n_heads and not getattr(model.cfg, 'ungroup_grouped_query_attention', False):
-        raise NotImplementedError(f"The model uses grouped-query attention ({kv} key/value heads for {model.cfg.n_heads} "
-                                  f"heads), so a head has no key or value input of its own: call "
-                                  f"model.set_ungroup_grouped_query_attention(True) first.")
-    check_nodes(model, circuit.nodes)
-    n_layers = model.cfg.n_layers
-    for e in circuit.edges:  # an Edge is causal by construction (`seqcircuits.core.check_edge`)
-        for n in (e.sender, e.receiver):
-            if n.kind in (NodeKind.HEAD, NodeKind.MLP) and n not in circuit.nodes:
-                raise ValueError(f"Edge {e} uses {n}, which is not among the circuit's nodes {circuit.names}.")
-        if e.receiver.kind == NodeKind.OUTPUT and e.receiver.layer != n_layers:
-            raise ValueError(f"Edge {e}: the output node of a {n_layers}-layer model sits at layer {n_layers}, "
-                             f"not {e.receiver.layer}.")
-    return circuit
-
-# %% ../nbs/09_path_patching.ipynb #16c63ccd
-def receivers_of(circuit:Circuit, n_layers:int) -> list[tuple[Node, Channel]]:
-    "Every (receiver, channel) of `circuit`, last first: the output, then per block from the last the MLP, then its heads' q, k, v."
-    out = [(Node.output(n_layers), Channel.RESID_POST)]
-    for n in sorted(circuit.nodes, reverse=True):
-        out += [(n, Channel.MLP_IN)] if n.is_mlp else [(n, c) for c in (Channel.Q, Channel.K, Channel.V)]
-    return out
-
-def senders_of(circuit:Circuit, receiver:Node) -> list[Node]:
-    "The embeddings and every node of `circuit` that `receiver` reads, in forward order."
-    return [s for s in [Node.embed()] + sorted(circuit.nodes) if is_causal(s, receiver)]
+__all__ = ['ScoreForm', 'get_score_form', 'PatchingRuns', 'patching_runs', 'patching_cache_bytes', 'score_senders',
+           'edge_faithfulness', 'find_edges', 'edge_table']
 
 # %% ../nbs/09_path_patching.ipynb #99cbabe3
 class ScoreForm(str, Enum):
@@ -374,43 +332,15 @@ def score_senders(model:HookedTransformer, runs:PatchingRuns, receiver:Node, cha
                                                    f"{channel.value} input (their logits or the metric hold NaN)")
 
 # %% ../nbs/09_path_patching.ipynb #4f8ff34b
-@torch.no_grad()
 def edge_faithfulness(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
                       metric:str|Metric='logit_diff', # task metric
                       ablation:AblationKind|str|Ablation='mean', # what a missing edge carries (and non-circuit nodes output)
                       batch_size:int=64, # prompts per forward pass
+                      engine:Engine|str=Engine.AUTO, # the edge scorer's engine: 'fast', 'hooks' or 'auto'
                      ) -> float:
     "Score (fraction of the full model's metric) of the model run with only `circuit`'s edges intact."
-    prompts, metric, abl, ablated_nodes = _prepare(model, prompts, circuit, metric, ablation)
-    L, N = model.cfg.n_layers, prompts.n_prompts
-    into: dict[tuple[Node, Channel], set[Node]] = {}
-    for e in circuit.edges: into.setdefault((e.receiver, e.channel), set()).add(e.sender)
-    missing = {(r, ch): [s for s in senders_of(circuit, r) if s not in into.get((r, ch), set())] for r, ch in receivers_of(circuit, L)}
-    snd = [Node.embed()] + sorted(circuit.nodes)
-
-    values, full_vals = [], []
-    with edge_hooks_enabled(model):
-        for idx in _chunks(N, batch_size):
-            a = abl.take(idx)
-            means, acts = {s: node_contribution(model, a.values[node_out_hook(s)], s) for s in snd}, {}
-            def save(act, hook):
-                for s in snd:
-                    if node_out_hook(s) == hook.name: acts[s] = node_contribution(model, act, s)
-            def fix(act, hook, r, miss):
-                d = sum(means[s] - acts[s] for s in miss)
-                if r.is_head: act[:, :, r.head] += d
-                else: act += d
-                return act
-            hooks = ablation_hooks(model, ablated_nodes, a) + [(n, save) for n in {node_out_hook(s) for s in snd}]
-            hooks += [(receiver_hook(r, ch, L), lambda act, hook, r=r, m=m: fix(act, hook, r, m))
-                      for (r, ch), m in missing.items() if m]
-            with model.hooks(fwd_hooks=hooks): logits = final_logits(model, prompts.clean[idx])
-            full = final_logits(model, prompts.clean[idx])
-            values.append(metric.per_prompt(logits, prompts[idx], full)); full_vals.append(metric.per_prompt(full, prompts[idx], full))
-    full_vals = torch.cat(full_vals).float()
-    metric.check_full(full_vals.mean().item(), prompts, full_vals)
-    value = check_finite(torch.cat(values).float().mean().item(), f"the {metric.name} of the edge circuit (only its edges intact)")
-    return metric.score(value, full_vals.mean().item())
+    scorer = EdgeScorer(model, prompts, circuit, metric, ablation, engine, batch_size)
+    return check_finite(scorer.score(scorer.missing(circuit)), "the score of the edge circuit (only its edges intact)")
 
 # %% ../nbs/09_path_patching.ipynb #f406be34
 def find_edges(model:HookedTransformer, prompts:PromptSet, circuit:Circuit,
@@ -475,24 +405,3 @@ def edge_table(circuit:Circuit) -> pd.DataFrame:
             for t in circuit.meta.get('receivers', []) for s, sc in t['scores'].items()]
     if not rows: raise ValueError(f"{circuit!r} holds no path-patching tables in its meta: make it with find_edges.")
     return pd.DataFrame(rows)
-
-# %% ../nbs/09_path_patching.ipynb #d106724b
-def run_edges(study:Study, task:str, folder:Path) -> dict:
-    "The edges stage: path patching on the task's knockout circuit (`circuit.json`) and its graph."
-    st, model = study.settings, study.model
-    # find_edges scores the edge circuit (only its edges intact) with the same metric and ablation: Circuit.score
-    c = find_edges(model, study.prompts(task), study.circuit(task), threshold=st.threshold, metric=st.metric,
-                   ablation=study.ablation(task), progress=study.progress)
-    c.to_json(folder/'circuit.json')
-    save_figure(plot_circuit(c, model.cfg.n_layers), folder/'graph')
-    return {'n_edges': len(c.edges), 'n_nodes': len(c.nodes), 'faithfulness': c.score}
-
-# %% ../nbs/09_path_patching.ipynb #7ef4b643
-def html_edges(study:Study, task:str) -> str:
-    "The edges stage's report section: size, faithfulness and the graph."
-    c = study.circuit(task, 'edges')
-    return '\n'.join([f"<p>{len(c.edges)} edges among {len(c.nodes)} nodes; with only these edges intact the model keeps "
-                      f"{100*c.score:.1f}% of its {html.escape(study.settings.metric)}.</p>",
-                      html_image(f'{task}/edges/graph.png', f'{task} circuit graph')])
-
-EDGES_STAGE = Stage('edges', run_edges, html_edges, title='Edges')

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .study import StudySettings, Study, Stage, PROMPTS_STAGE, html_table, versions, study_lock, file_sha256
 from .knockout import KNOCKOUT_STAGE, DROPS_STAGE
-from .patching import EDGES_STAGE
+from .baselines import EDGES_STAGE
 from .compare import COMPARE_STAGE
 from .mlps import MLPS_STAGE, MLPS_TASKS_STAGE
 from .lens import LENS_STAGE, DLA_STAGE, LENS_TASKS_STAGE

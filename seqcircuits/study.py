@@ -25,11 +25,13 @@ from .ablation import Ablation, AblationKind, compute_ablation
 from .data import make_prompts, filter_prompts, get_task, get_template
 
 # %% auto #0
-__all__ = ['MANIFEST', 'LOCK', 'DONE', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256', 'StudyWarning', 'StudyLockedError',
-           'study_lock', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts', 'html_prompts', 'versions',
-           'run_study']
+__all__ = ['EDGE_METHODS', 'MANIFEST', 'LOCK', 'DONE', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256', 'StudyWarning',
+           'StudyLockedError', 'study_lock', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts',
+           'html_prompts', 'versions', 'run_study']
 
 # %% ../nbs/06_study.ipynb #132ddb06
+EDGE_METHODS = ('path', 'knockout', 'acdc', 'eap') # the edges stage's methods (see the baselines notebook)
+
 @dataclass(frozen=True)
 class StudySettings:
     "Everything that determines a study's results (what `DIR/settings.json` records)."
@@ -42,6 +44,7 @@ class StudySettings:
     ablation: str = 'mean' # how removed components are replaced
     seed: int = 0 # seed of the prompt sets (and so of the whole study)
     device: str = 'cpu' # where the model runs
+    edges: str = 'path' # the edges stage's method: 'path' (path patching), 'knockout', 'acdc' or 'eap'
 
     def __post_init__(self):
         object.__setattr__(self, 'tasks', tuple(self.tasks))
@@ -55,6 +58,7 @@ class StudySettings:
         for t in self.templates: get_template(t)
         get_metric(self.metric)
         lookup(self.ablation, {k.value: k for k in AblationKind}, AblationKind, 'ablation', 'an AblationKind')
+        if self.edges not in EDGE_METHODS: raise ValueError(f"Unknown edge method {self.edges!r}: use one of {list(EDGE_METHODS)}.")
         per = self.n_prompts // len(self.templates)
         if per * len(self.templates) != self.n_prompts or per < 8 or per % 8:
             raise ValueError(f"n_prompts={self.n_prompts} must split evenly over {len(self.templates)} template(s) and "
