@@ -12,7 +12,7 @@ On the GPT-2-size model the naive loop takes minutes per receiver, so both sides
 (every n-th, all of their senders); the fast side still pays for its whole one-off cache.
 
 On the organism each side is timed `--repeats` times (default 3) and the best time kept; the GPT-2-size cases (random
-tokens, and templated prompts when GPT-2's tokenizer files are found) run once.
+tokens, and templated prompts with GPT-2's tokenizer from tests/data/gpt2-tokenizer) run once.
 Run: `python bench/bench_patching.py --threads 1` (`--quick` for a smoke run, `--every N`, `--repeats N`).
 """
 import argparse, sys, time
@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]/'tests'))
 from test_patching import naive_edge_values  # the plain reference lives with the tests
 from seqcircuits.core import Circuit
 from seqcircuits.model import config_fingerprint, organism_dir, load_model, gpt2_small_config, random_model
-from seqcircuits.data import model_labelled_prompts, make_prompts, gpt2_tokenizer, find_gpt2_tokenizer
+from seqcircuits.data import model_labelled_prompts, make_prompts, gpt2_tokenizer
+
+GPT2_FILES = Path(__file__).resolve().parents[1]/'tests'/'data'/'gpt2-tokenizer'  # the repository's copy of GPT-2's tokenizer files
 from seqcircuits.patching import patching_runs, score_senders, receivers_of, senders_of
 from seqcircuits.ablation import compute_ablation
 
@@ -74,7 +76,7 @@ def gpt2_size(quick=False, templated=False):
     g = torch.Generator().manual_seed(0)
     n = 8 if quick else 16
     if templated:
-        ps = make_prompts(gpt2_tokenizer(), 'numerals', 'done', n_prompts=n, seed=0)
+        ps = make_prompts(gpt2_tokenizer(GPT2_FILES), 'numerals', 'done', n_prompts=n, seed=0)
         clean, corrupted = ps.clean, ps.corrupted
     else: clean, corrupted = [torch.randint(0, cfg.d_vocab, (n, 20), generator=g) for _ in range(2)]
     prompts = model_labelled_prompts(model, clean, corrupted)  # a random model does no task: its own top-2 as labels
@@ -114,7 +116,5 @@ if __name__ == '__main__':
         for name, prompts, circuit in cases: bench(f'organism, {name}', model, prompts, circuit, repeats=a.repeats)
     else: print('organism: not bundled, skipped')
     bench('GPT-2-small-size random model, random tokens', *gpt2_size(a.quick), every=12 if a.quick else a.every)
-    if find_gpt2_tokenizer() is not None:
-        bench('GPT-2-small-size random model, numerals "done" prompts (GPT-2 tokenizer)', *gpt2_size(a.quick, templated=True),
-              every=12 if a.quick else a.every)
-    else: print('GPT-2 tokenizer files (shared/gpt2-tokenizer) not found: the templated GPT-2-size case is skipped')
+    bench('GPT-2-small-size random model, numerals "done" prompts (GPT-2 tokenizer)', *gpt2_size(a.quick, templated=True),
+          every=12 if a.quick else a.every)

@@ -42,12 +42,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 def _run(a) -> int:
-    from seqcircuits.study import StudySettings, StudyWarning, run_study
+    from seqcircuits.study import StudySettings, StudyWarning, run_study, check_out
     from seqcircuits.report import STAGES, write_report
+    from seqcircuits.cost import study_cost
+    import torch
     settings = StudySettings(model=a.model, tasks=tuple(a.tasks), templates=tuple(a.templates), n_prompts=a.n_prompts,
                              threshold=a.threshold, metric=a.metric, ablation=a.ablation, seed=a.seed, device=a.device,
                              edges=a.edges)
     t0 = time.perf_counter()
+    if settings.device.startswith('cuda') and not torch.cuda.is_available():
+        raise RuntimeError(f"device={settings.device!r} was asked for but no CUDA GPU is available here; use --device cpu.")
+    check_out(a.out)  # a wrong --out is refused first, before the plan is printed
+    cost = study_cost(settings)  # from the config alone: nothing is loaded or written if the study cannot fit
+    if not a.quiet: print(cost.summary(), file=sys.stderr, flush=True)
+    cost.check()
     def line(stage, task, info):
         if a.quiet: return
         what = f"{stage}" + (f" [{task}]" if task else '')

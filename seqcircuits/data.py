@@ -17,13 +17,12 @@ from jaxtyping import Float, Int, Bool
 from tqdm.auto import tqdm
 
 from .core import PromptSet, lookup, check_count
-from .model import final_logits, check_prompts, vocab_fingerprint
+from .model import final_logits, check_prompts, vocab_fingerprint, load_tokenizer, ModelUnavailableError
 
 # %% auto #0
 __all__ = ['TASKS', 'NAMES', 'LOST_NOUNS', 'DONE_NOUNS', 'TEMPLATES', 'WORD_SPECIALS', 'Task', 'get_task', 'sequence', 'Template',
-           'get_template', 'render', 'vocabulary', 'word_tokenizer', 'find_gpt2_tokenizer', 'gpt2_tokenizer',
-           'token_id', 'Corruption', 'make_prompts', 'single_token_report', 'examples', 'filter_prompts',
-           'model_labelled_prompts']
+           'get_template', 'render', 'vocabulary', 'word_tokenizer', 'gpt2_tokenizer', 'token_id', 'Corruption',
+           'make_prompts', 'single_token_report', 'examples', 'filter_prompts', 'model_labelled_prompts']
 
 # %% ../nbs/02_data.ipynb #7c565f41
 @dataclass(frozen=True)
@@ -201,23 +200,19 @@ def word_tokenizer(words:Sequence[str], # the vocabulary, e.g. `vocabulary()`; d
                                    unk_token='<unk>', add_bos_token=True, name_or_path=name)
 
 # %% ../nbs/02_data.ipynb #042e61a2
-def find_gpt2_tokenizer(start:str|Path|None=None, # where to start looking upwards; default the working directory
-                       ) -> Path|None:
-    "The folder `shared/gpt2-tokenizer` with GPT-2's `vocab.json` and `merges.txt`, searched upwards; None if absent."
-    here = Path(start or Path.cwd()).resolve()
-    for d in [here, *here.parents, *Path(__file__).resolve().parents] if '__file__' in globals() else [here, *here.parents]:
-        p = d/'shared'/'gpt2-tokenizer'
-        if (p/'vocab.json').exists() and (p/'merges.txt').exists(): return p
-    return None
-
-def gpt2_tokenizer(path:str|Path|None=None, # folder with vocab.json and merges.txt; default `find_gpt2_tokenizer()`
-                  ) -> 'transformers.GPT2Tokenizer|None':
-    "GPT-2's byte-level BPE tokenizer from local files, or None when they cannot be found (no hub needed)."
-    from transformers import GPT2Tokenizer
-    path = find_gpt2_tokenizer() if path is None else Path(path)
-    if path is None or not (path/'vocab.json').exists(): return None
-    # add_bos_token=True: what TransformerLens gives GPT-2 (and without it TransformerLens reloads from the hub)
-    return GPT2Tokenizer(str(path/'vocab.json'), str(path/'merges.txt'), add_bos_token=True)
+def gpt2_tokenizer(path:str|Path|None=None, # a folder with GPT-2's vocab.json and merges.txt; None: the Hugging Face cache or hub
+                  ) -> 'transformers.PreTrainedTokenizerBase|None':
+    "GPT-2's byte-level BPE tokenizer, prepending BOS as TransformerLens does: from the files in `path`, else as `load_model('gpt2-small')` gets it (hub or local cache); None where neither has it."
+    if path is not None:
+        from transformers import GPT2Tokenizer
+        path = Path(path)
+        missing = [f for f in ('vocab.json', 'merges.txt') if not (path/f).exists()]
+        if missing: raise FileNotFoundError(f"{str(path)!r} has no {' or '.join(missing)}: give the folder that holds GPT-2's "
+                                            f"vocab.json and merges.txt, or no path to use the Hugging Face cache or hub.")
+        # add_bos_token=True: what TransformerLens gives GPT-2 (and without it TransformerLens reloads from the hub)
+        return GPT2Tokenizer(str(path/'vocab.json'), str(path/'merges.txt'), add_bos_token=True)
+    try: return load_tokenizer('gpt2-small')
+    except ModelUnavailableError: return None
 
 # %% ../nbs/02_data.ipynb #ec6431ea
 def _tokenizer(tokenizer_or_model):

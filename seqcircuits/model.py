@@ -4,10 +4,10 @@
 
 # %% ../nbs/01_model.ipynb #f5d10680
 from __future__ import annotations
-import json, os, socket, hashlib, dataclasses, weakref
+import json, os, socket, hashlib, dataclasses, weakref, copy, warnings
 from enum import Enum
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -36,7 +36,8 @@ __all__ = ['ORGANISM', 'act_name', 'node_out_hook', 'receiver_hook', 'resid_hook
            'FinalNorm', 'final_norm', 'unembed_weights', 'positional_weights', 'token_embeddings', 'embed_mlp0',
            'head_ov', 'head_qk', 'attn_scale', 'apply_final_norm', 'attention_patterns', 'prepare_tokenizer',
            'gpt2_small_config', 'random_model', 'organism_dir', 'save_model', 'ModelUnavailableError',
-           'pretrained_names', 'load_model']
+           'pretrained_names', 'official_name', 'hf_cache_dir', 'cached_snapshot', 'load_model', 'model_config',
+           'meta_model', 'weights_bytes', 'load_tokenizer']
 
 # %% ../nbs/01_model.ipynb #12155ff9
 def act_name(name:str, layer:int|None=None) -> str:
@@ -489,11 +490,11 @@ class ModelUnavailableError(RuntimeError):
 
 # %% ../nbs/01_model.ipynb #08f5d372
 def _hub_reachable(timeout:float=3.0) -> bool:
-    if os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes'): return False
+    "Whether the Hugging Face hub can be reached now (False at once where HF_HUB_OFFLINE is set)."
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or os.environ.get('HF_HUB_OFFLINE', '0').lower() in ('1', 'true', 'yes'): return False
     try:
-        from huggingface_hub import constants
-        host = urlparse(constants.ENDPOINT).hostname
-        with socket.create_connection((host, 443), timeout=timeout): return True
+        with socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout): return True
     except OSError: return False
 
 # %% ../nbs/01_model.ipynb #99098308
@@ -508,27 +509,50 @@ def _dtype(dtype:str|torch.dtype|None, where:str='') -> torch.dtype|None:
 
 def _first_line(e:Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
+_DAMAGED = "the model folder is damaged or was not written by save_model; save the model again"
+
+# %% ../nbs/01_model.ipynb #d7cf2142
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    "Inside the block the Hugging Face libraries read their local cache only, as HF_HUB_OFFLINE=1 makes them do for a whole process."
+    from huggingface_hub import constants
+    old, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try: yield
+    finally: constants.HF_HUB_OFFLINE = old
+
 # %% ../nbs/01_model.ipynb #7fd1278c
-def _load_dir(d:Path, device=None, dtype=None) -> HookedTransformer:
-    from safetensors.torch import load_file
-    from transformers import PreTrainedTokenizerFast
-    for f in ('config.json', 'model.safetensors'):
-        if not (d/f).exists(): raise FileNotFoundError(f"{d} has no {f}: a model folder holds config.json, "
-                                                     f"model.safetensors and tokenizer.json (see `save_model`).")
-    damaged = "the model folder is damaged or was not written by save_model; save the model again"
+def _dir_config(d:Path, device=None, dtype=None) -> HookedTransformerConfig:
+    "The config of the model folder `d` (its config.json), on `device` in `dtype`."
+    if not (d/'config.json').exists(): raise FileNotFoundError(f"{d} has no config.json: a model folder holds config.json, "
+                                                              f"model.safetensors and tokenizer.json (see `save_model`).")
     try: cfgd = json.loads((d/'config.json').read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{d/'config.json'} is not valid JSON ({_first_line(e)}): {damaged}.") from None
-    if not isinstance(cfgd, dict): raise ValueError(f"{d/'config.json'} holds no config (a JSON object of settings): {damaged}.")
+        raise ValueError(f"{d/'config.json'} is not valid JSON ({_first_line(e)}): {_DAMAGED}.") from None
+    if not isinstance(cfgd, dict): raise ValueError(f"{d/'config.json'} holds no config (a JSON object of settings): {_DAMAGED}.")
     cfgd['dtype'] = _dtype(dtype) or _dtype(cfgd.get('dtype', 'float32'), f" in {d/'config.json'}")
     if device is not None: cfgd['device'] = str(device)
-    try: cfg = HookedTransformerConfig(**cfgd)
+    try: return HookedTransformerConfig(**cfgd)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
-        raise ValueError(f"{d/'config.json'} is not a valid HookedTransformerConfig ({_first_line(e)}): {damaged}.") from None
-    tok = None
-    if (d/'tokenizer.json').exists():
-        try: tok = PreTrainedTokenizerFast.from_pretrained(str(d))
-        except Exception as e: raise ValueError(f"{d/'tokenizer.json'} is not a valid tokenizer ({_first_line(e)}): {damaged}.") from None
+        raise ValueError(f"{d/'config.json'} is not a valid HookedTransformerConfig ({_first_line(e)}): {_DAMAGED}.") from None
+
+# %% ../nbs/01_model.ipynb #c900c20a
+def _dir_tokenizer(d:Path):
+    "The tokenizer of the model folder `d` (its tokenizer.json), or None."
+    from transformers import PreTrainedTokenizerFast
+    if not (d/'tokenizer.json').exists(): return None
+    try: return PreTrainedTokenizerFast.from_pretrained(str(d))
+    except Exception as e: raise ValueError(f"{d/'tokenizer.json'} is not a valid tokenizer ({_first_line(e)}): {_DAMAGED}.") from None
+
+# %% ../nbs/01_model.ipynb #93257114
+def _load_dir(d:Path, device=None, dtype=None) -> HookedTransformer:
+    "The model saved in folder `d` by `save_model`, checked against its config."
+    from safetensors.torch import load_file
+    if not (d/'model.safetensors').exists(): raise FileNotFoundError(f"{d} has no model.safetensors: a model folder holds "
+                                                               f"config.json, model.safetensors and tokenizer.json (see `save_model`).")
+    damaged = _DAMAGED
+    cfg = _dir_config(d, device, dtype)
+    tok = _dir_tokenizer(d)
+    if tok is not None:
         if len(tok) > cfg.d_vocab:
             raise ValueError(f"The tokenizer in {d} has {len(tok)} tokens but the model's vocabulary (d_vocab) is "
                              f"{cfg.d_vocab}: they do not belong together.")
@@ -551,6 +575,66 @@ def pretrained_names() -> list[str]:
     "Names `load_model` accepts besides the organism and folders: TransformerLens's official names and aliases."
     return sorted(tl_loading.make_model_alias_map())
 
+# %% ../nbs/01_model.ipynb #90c20131
+def official_name(name:str, # a TransformerLens name or alias, any case: 'gpt2-small', 'pythia-160m', 'gpt-neo-125M', ...
+                 ) -> str:
+    "The Hugging Face repository TransformerLens loads for pretrained model `name` ('gpt2-small' -> 'gpt2')."
+    names = tl_loading.make_model_alias_map()
+    if str(name).lower() in names: return names[str(name).lower()]
+    short = [ORGANISM] + [n for n in ('gpt2-small', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'pythia-160m', 'gpt-neo-125M',
+                                      'Qwen/Qwen2.5-0.5B') if n.lower() in names]
+    raise ValueError(f"Unknown model {str(name)!r}: use one of {short}, any TransformerLens name "
+                     f"(`seqcircuits.model.pretrained_names()` lists all {len(names)}), or a folder written by save_model.")
+
+# %% ../nbs/01_model.ipynb #bd249b2e
+def hf_cache_dir() -> Path:
+    "The Hugging Face cache the hub client uses now: `$HF_HUB_CACHE`, else `$HF_HOME/hub` (by default ~/.cache/huggingface/hub)."
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+# %% ../nbs/01_model.ipynb #7cc8828f
+_WEIGHT_FILES = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
+
+def cached_snapshot(name:str, # a TransformerLens name or alias
+                   ) -> Path|None:
+    "The folder of the local Hugging Face cache that holds pretrained model `name` (its config and weights), or None."
+    from huggingface_hub import try_to_load_from_cache
+    config = try_to_load_from_cache(official_name(name), 'config.json', cache_dir=hf_cache_dir())
+    if not isinstance(config, str): return None
+    snapshot = Path(config).parent
+    return snapshot if any((snapshot/f).exists() for f in _WEIGHT_FILES) else None
+
+# %% ../nbs/01_model.ipynb #dee179ef
+def _unavailable(name:str) -> ModelUnavailableError:
+    "The one-line error for a pretrained model whose files neither the hub nor the local cache can give."
+    from huggingface_hub import constants
+    repo = official_name(name)
+    return ModelUnavailableError(
+        f"Cannot download the weights of {str(name)!r} ({repo} on the Hugging Face hub): the hub is not reachable from here "
+        f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}) and the Hugging Face cache {hf_cache_dir()} does not "
+        f"hold them. Run where the hub is reachable (e.g. Colab), set HF_HOME to a Hugging Face folder whose cache holds "
+        f"them, or point at a local copy: load_model({str(name)!r}, hf_model_path='/path/to/{repo}'); the bundled model "
+        f"needs neither: load_model('organism').")
+
+# %% ../nbs/01_model.ipynb #2a8b4184
+def _looks_like_path(name:str) -> bool:
+    "Whether `name` is written as a path (so a missing folder, not an unknown model name)."
+    return name.startswith(('/', './', '../', '~', '.' + os.sep)) or (os.sep in name and Path(name).parent.is_dir()) \
+        or name.endswith(('/', os.sep))
+
+# %% ../nbs/01_model.ipynb #bd97ba32
+def _source(name:str|Path) -> Path|str:
+    "Where model `name` comes from: a model folder (a Path), or the official name of a pretrained model; a clear error otherwise."
+    if str(name) == ORGANISM: return organism_dir()
+    path = Path(name).expanduser()
+    if path.is_dir(): return path
+    if path.exists(): raise NotADirectoryError(f"{str(name)!r} is a file, not a model folder: give the folder that holds "
+                                               f"config.json and model.safetensors (written by save_model).")
+    if str(name).lower() not in tl_loading.make_model_alias_map() and (isinstance(name, Path) or _looks_like_path(str(name))):
+        raise FileNotFoundError(f"The model folder {str(name)!r} does not exist: give an existing folder written by "
+                                f"save_model, or a TransformerLens name such as 'gpt2-small'.")
+    return official_name(name)
+
 # %% ../nbs/01_model.ipynb #37445632
 def load_model(name:str|Path=ORGANISM, # 'organism', a folder written by `save_model`, or a TransformerLens name ('gpt2-small', ...)
                device:str|None=None, # 'cpu', 'cuda', ...; default: the model's own (cpu for the organism)
@@ -558,36 +642,60 @@ def load_model(name:str|Path=ORGANISM, # 'organism', a folder written by `save_m
                hf_model_path:str|Path|None=None, # a local Hugging Face copy of the pretrained model's weights
                **kwargs # passed to `HookedTransformer.from_pretrained`
               ) -> HookedTransformer:
-    "Load the bundled organism (default, no network), a saved model folder, or a TransformerLens pretrained model."
+    "Load the bundled organism (default, no network), a saved model folder, or a TransformerLens pretrained model (from the hub, or from the local Hugging Face cache where the hub cannot be reached)."
     if device is not None and str(device).startswith('cuda') and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} was asked for but no CUDA GPU is available here; use device='cpu'.")
     dtype = _dtype(dtype)
-    if str(name) == ORGANISM: return _load_dir(organism_dir(), device, dtype)
-    if Path(name).is_dir(): return _load_dir(Path(name), device, dtype)
-    names = tl_loading.make_model_alias_map()
-    s = str(name)
-    if Path(name).exists(): raise ValueError(f"{s} is a file, not a model folder: give the folder that holds config.json and "
-                                             f"model.safetensors (written by save_model).")
-    if s.lower() not in names and (isinstance(name, Path) or s.startswith(('/', '.', '~')) or os.sep in s
-                                   or (os.altsep and os.altsep in s)):
-        raise FileNotFoundError(f"No model folder at {s!r}: the path does not exist. Give a folder written by save_model "
-                                f"(config.json, model.safetensors), 'organism', or a TransformerLens name such as 'gpt2-small'.")
-    if str(name).lower() not in names:
-        short = [ORGANISM] + [n for n in ('gpt2-small', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'pythia-160m',
-                                          'Qwen/Qwen2.5-0.5B') if n.lower() in names]
-        raise ValueError(f"Unknown model {str(name)!r}: use one of {short}, any TransformerLens name "
-                         f"(`seqcircuits.model.pretrained_names()` lists all {len(names)}), or a folder written by save_model.")
+    if isinstance(where := _source(name), Path): return _load_dir(where, device, dtype)
     kw = dict(kwargs)
     if dtype is not None: kw['dtype'] = dtype
+    local = not _hub_reachable()  # then read the cache only: no request that would wait for an unreachable hub
     if hf_model_path is not None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         kw['hf_model'] = AutoModelForCausalLM.from_pretrained(str(hf_model_path))
         kw['tokenizer'] = AutoTokenizer.from_pretrained(str(hf_model_path))
-    elif not _hub_reachable():
-        raise ModelUnavailableError(
-            f"Cannot download the weights of {str(name)!r}: the Hugging Face hub is not reachable from here "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}). Run where the hub is reachable (e.g. Colab), "
-            f"or point at a local copy: load_model({str(name)!r}, hf_model_path='/path/to/hf/{str(name)}'), or use the "
-            f"bundled model: load_model('organism').")
-    model = HookedTransformer.from_pretrained(str(name), device=device, **kw)
+    elif local and cached_snapshot(name) is None: raise _unavailable(name)
+    with _hub_offline() if local else nullcontext():
+        try: model = HookedTransformer.from_pretrained(str(name), device=device, **kw)
+        except OSError:  # e.g. with hf_model_path, TransformerLens still reads the model's config by name
+            if local: raise _unavailable(name) from None
+            raise
     return model.eval()
+
+# %% ../nbs/01_model.ipynb #ffe08558
+def model_config(name:str|Path=ORGANISM, # what `load_model` takes
+                 device:str|None=None, # the device the model would run on
+                 dtype:str|torch.dtype|None=None, # its dtype (default float32)
+                ) -> HookedTransformerConfig:
+    "The config `load_model(name, device, dtype)` would build, read without loading any weights (to plan memory first)."
+    dtype = _dtype(dtype)
+    if isinstance(repo := _source(name), Path): return _dir_config(repo, device, dtype)
+    with nullcontext() if _hub_reachable() else _hub_offline():
+        try: return tl_loading.get_pretrained_model_config(repo, device=device, dtype=dtype or torch.float32, fold_ln=True)
+        except OSError: raise _unavailable(name) from None
+
+# %% ../nbs/01_model.ipynb #59c2791f
+def meta_model(cfg:HookedTransformerConfig) -> HookedTransformer:
+    "A HookedTransformer with config `cfg` on PyTorch's meta device: every shape and parameter, no memory, no tokenizer."
+    cfg = copy.copy(cfg)
+    cfg.tokenizer_name = None  # shapes need no tokenizer (and loading one may need the hub)
+    with torch.device('meta'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        return HookedTransformer(cfg, move_to_device=False)
+
+# %% ../nbs/01_model.ipynb #1c47089a
+def weights_bytes(cfg:HookedTransformerConfig) -> int:
+    "Bytes the weights of a HookedTransformer with config `cfg` take (counted on a `meta_model`: nothing is allocated)."
+    return sum(p.numel() * p.element_size() for p in meta_model(cfg).parameters())
+
+# %% ../nbs/01_model.ipynb #7208ff2f
+def load_tokenizer(name:str|Path=ORGANISM, # what `load_model` takes
+                  ):
+    "The tokenizer `load_model(name)` attaches, loaded alone (no weights): a folder's tokenizer.json, or a pretrained model's from the hub or the local cache."
+    if isinstance(repo := _source(name), Path): return _dir_tokenizer(repo)
+    from transformers import AutoTokenizer
+    with nullcontext() if _hub_reachable() else _hub_offline():
+        try: tok = AutoTokenizer.from_pretrained(repo, add_bos_token=True)
+        except OSError: raise _unavailable(name) from None
+    if not tok.encode(' the', add_special_tokens=False): raise _unavailable(name)  # built from the config alone, no vocabulary
+    return tok

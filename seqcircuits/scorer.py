@@ -13,7 +13,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from .core import Node, PromptSet, check_finite
-from .model import (Engine, resolve_engine, check_nodes, check_prompts, resid_at, logits_from, head_out_weights,
+from .model import (Engine, resolve_engine, check_nodes, check_prompts, resid_at, logits_from, final_logits, head_out_weights,
                                node_out_hook, attn_half, mlp_half)
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, get_ablation, ablation_hooks
@@ -54,7 +54,7 @@ class NodeScorer:
                 j = min(n, i + bs)
                 p = prompts if (i, j) == (0, n) else prompts[i:j]
                 a = abl if (i, j) == (0, n) else abl.take(slice(i, j))
-                ref = check_finite(model(p.clean)[:, -1], f"the full model's logits on {prompts!r}")
+                ref = check_finite(final_logits(model, p.clean), f"the full model's logits on {prompts!r}")
                 self.chunks.append(_Chunk(p, a, ref))
         full = self._per_prompt([c.ref for c in self.chunks])
         self.full = full.mean().item()
@@ -116,7 +116,7 @@ class NodeScorer:
     # --- the hooks engine: one plain forward with hooks
     def _logits_ref(self, c:_Chunk, S:frozenset) -> Tensor:
         with self.model.hooks(fwd_hooks=ablation_hooks(self.model, S, c.ablation)):
-            return self.model(c.prompts.clean)[:, -1]
+            return final_logits(self.model, c.prompts.clean)
 
     # --- the fast engine
     def _init_cache(self):

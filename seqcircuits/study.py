@@ -27,7 +27,7 @@ from .data import make_prompts, filter_prompts, get_task, get_template
 # %% auto #0
 __all__ = ['EDGE_METHODS', 'MANIFEST', 'LOCK', 'DONE', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256', 'StudyWarning',
            'StudyLockedError', 'study_lock', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts',
-           'html_prompts', 'versions', 'run_study']
+           'html_prompts', 'versions', 'check_out', 'run_study']
 
 # %% ../nbs/06_study.ipynb #132ddb06
 EDGE_METHODS = ('path', 'knockout', 'acdc', 'eap') # the edges stage's methods (see the baselines notebook)
@@ -341,6 +341,15 @@ def _refuse_foreign(out:Path):
         raise FileExistsError(f"{str(out)!r} is not empty and is not a seqcircuits study (it has no {MANIFEST}; it holds "
                               f"{', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): choose a new or empty folder for "
                               f"--out. Nothing in it was changed.")
+
+# %% ../nbs/06_study.ipynb #0cf8ed6e
+def check_out(out:str|Path, # the output folder a study would use
+             ) -> Path:
+    "Refuse, before anything is loaded or written, an `out` that is a file or a folder holding something other than a study."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"Output folder {str(out)!r} is a file: choose another --out.")
+    if out.is_dir(): _refuse_foreign(out)
+    return out
 
 # %% ../nbs/06_study.ipynb #1d6a5a3c
 def _remove_recorded(study:Study, prefix:str='') -> None:

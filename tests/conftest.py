@@ -1,7 +1,15 @@
-"Fixtures and settings shared by the tests: the bundled organism (loaded once per session) and the `slow` marker."
+"""Fixtures and settings shared by the tests: the bundled organism (loaded once per session), the `slow` marker, and the
+GPT-2 stand-in's Hugging Face cache (built once, kept in pytest's cache folder between sessions)."""
+import os, sys
+from pathlib import Path
+
 import pytest
 
 from seqcircuits.model import load_model, organism_dir
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+if str(TESTS) not in sys.path: sys.path.insert(0, str(TESTS))
 
 ORGANISM_MAX_BYTES = 8 * 2**20  # the bundled organism's files stay under 8 MiB: it ships inside the package
 
@@ -16,3 +24,41 @@ def organism_model():
     "The bundled model organism, loaded once for every test that needs it (skipped where it is not bundled)."
     if not (organism_dir()/'model.safetensors').exists(): pytest.skip('the model organism is not bundled')
     return load_model()
+
+
+@pytest.fixture(scope='session')
+def gpt2_hf_home(request, tmp_path_factory) -> Path:
+    "An HF_HOME whose cache holds the GPT-2 stand-in (see gpt2_standin.py): built on first use (about a minute), then\
+    reused from pytest's cache folder until the builder or the tokenizer files change."
+    from gpt2_standin import build_hf_home
+    cache = getattr(request.config, 'cache', None)  # None under `-p no:cacheprovider`: build in a temporary folder
+    base = cache.mkdir('gpt2-standin') if cache is not None else tmp_path_factory.mktemp('gpt2-standin')
+    return build_hf_home(base)
+
+
+@pytest.fixture
+def hub_env(gpt2_hf_home) -> dict:
+    "Environment for a subprocess that must see the stand-in's cache, and only it: HF_HOME set, the hub offline."
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_CACHE', 'TRANSFORMERS_CACHE', 'HUGGINGFACE_HUB_CACHE')}
+    path = os.pathsep.join([str(ROOT)] + ([env['PYTHONPATH']] if env.get('PYTHONPATH') else []))
+    return env | {'HF_HOME': str(gpt2_hf_home), 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg', 'OMP_NUM_THREADS': '1',
+                  'PYTHONUNBUFFERED': '1', 'PYTHONPATH': path}
+
+
+@pytest.fixture
+def hub_cache(gpt2_hf_home, monkeypatch) -> Path:
+    "In this process: the Hugging Face libraries read the stand-in's cache, offline (what HF_HOME and HF_HUB_OFFLINE=1 do\
+    for a new process; the libraries read those variables once, when they are imported)."
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(gpt2_hf_home/'hub'))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    return gpt2_hf_home/'hub'
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch) -> Path:
+    "In this process: an empty Hugging Face cache, offline (a machine that never downloaded anything)."
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
+    return tmp_path

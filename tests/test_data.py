@@ -9,16 +9,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path: sys.path.insert(0, str(ROOT))
 
-from seqcircuits.data import TEMPLATES, make_prompts, gpt2_tokenizer, find_gpt2_tokenizer, vocabulary, word_tokenizer
+from seqcircuits.data import TEMPLATES, make_prompts, gpt2_tokenizer, vocabulary, word_tokenizer
 
 MAIN_TASKS = ('numerals', 'number_words', 'months')
 
 
 @pytest.fixture(scope='module')
 def gpt2():
-    tok = gpt2_tokenizer(find_gpt2_tokenizer(ROOT))
-    if tok is None: pytest.skip('GPT-2 tokenizer files (shared/gpt2-tokenizer) not found')
-    return tok
+    return gpt2_tokenizer(ROOT/'tests'/'data'/'gpt2-tokenizer')  # the repository's copy of GPT-2's tokenizer files
 
 
 @pytest.fixture(scope='module')

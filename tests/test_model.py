@@ -18,7 +18,8 @@ def test_organism_loads_offline_with_its_tokenizer(organism_model, monkeypatch):
     assert size < ORGANISM_MAX_BYTES, f'the organism is {size/2**20:.1f} MiB; keep it under {ORGANISM_MAX_BYTES / 2**20:.0f} MiB'
 
 
-def test_pretrained_name_fails_fast_offline(monkeypatch):
+def test_pretrained_name_fails_fast_offline(monkeypatch, empty_hub_cache):
+    "Offline, with a Hugging Face cache that does not hold the model (conftest's empty_hub_cache): one clear line at once."
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     t0 = time.time()
     with pytest.raises(ModelUnavailableError, match='Cannot download the weights') as e:

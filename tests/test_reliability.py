@@ -294,12 +294,12 @@ def test_10_garbage_model_folder(organism, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"config\.json.*colour"): load_model(d)
 
 def test_10_missing_model_path(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match='No model folder'):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
         load_model(tmp_path/'nowhere')
-    with pytest.raises(FileNotFoundError, match='No model folder'):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
         load_model(str(tmp_path/'nowhere'))
     rc, _, err = run_main([*TINY, '--model', tmp_path/'nowhere', '--out', tmp_path/'o'], capsys)
-    assert rc == 2 and err.count('\n') == 1 and 'No model folder' in err, err
+    assert rc == 2 and err.count('\n') == 1 and 'does not exist' in err, err
 
 
 # --- 11. smaller ones ---------------------------------------------------------------------------------------------
