@@ -25,7 +25,8 @@ from .model import all_nodes, check_nodes, final_logits, check_prompts
 from .metrics import Metric, get_metric
 from .ablation import Ablation, AblationKind, get_ablation, ablated, scaled
 from .data import get_task
-from .knockout import drop_table, circuit_scores
+from .knockout import drop_table, circuit_scores, _drops, _circuit_scores
+from .scorer import NodeScorer
 from .graphs import SHARED_COLOR, plot_circuits, plot_grid, save_figure
 from .study import Study, Stage, html_table, html_image
 
@@ -285,6 +286,7 @@ def circuit_on_other_task(model:HookedTransformer,
                           match:NullMatch|str=NullMatch.LAYER, # what the random circuits keep of the shared core
                           batch_size:int|None=None, # prompts per forward pass (None: all at once)
                           progress:bool=True, # a progress bar over the tasks
+                          scorers:Mapping[str, NodeScorer]|None=None, # per task, a scorer of its prompts with this ablation to reuse (e.g. the study's): its full-model logits serve, and its batches
                          ) -> pd.DataFrame:
     "Every circuit run alone (the rest ablated) on every task's data, as % of the full model, with control column and rows."
     if not prompts or not circuits: raise ValueError("Give at least one task's prompts and one circuit.")
@@ -303,8 +305,11 @@ def circuit_on_other_task(model:HookedTransformer,
     abl = _ablations(model, {t: prompts[t] for t in rows}, ablation)
     out, sd = {}, {}
     for t in tqdm(rows, desc='circuit on other task', disable=not progress, unit='task'):
-        got = circuit_scores(model, prompts[t], {(name, i): c for name, cs in cols.items() for i, c in enumerate(cs)},
-                             metric, abl[t], batch_size)
+        want = {(name, i): c for name, cs in cols.items() for i, c in enumerate(cs)}
+        if scorers is not None and t in scorers:  # plain forwards as `circuit_scores`, the full model's logits reused
+            if scorers[t].prompts.digest() != prompts[t].digest(): raise ValueError(f"scorers[{t!r}] scores other prompts than prompts[{t!r}].")
+            got = _circuit_scores(scorers[t].fresh(metric), want)
+        else: got = circuit_scores(model, prompts[t], want, metric, abl[t], batch_size)
         out[t] = {}
         for name, cs in cols.items():
             s = [100 * got[(name, i)] for i in range(len(cs))]
@@ -499,7 +504,8 @@ def run_compare(study:Study, # the study: settings, model, and the earlier stage
     edges = edges if len(edges) == len(tasks) else {}
     prompts, abl = {t: study.prompts(t) for t in tasks}, {t: study.ablation(t) for t in tasks}
     on_other = circuit_on_other_task(model, prompts, nodes, controls=ctl, metric=st.metric, ablation=abl,
-                                     n_random=n_random, seed=st.seed, progress=study.progress)
+                                     n_random=n_random, seed=st.seed, progress=study.progress,
+                                     scorers={t: study.scorer(t) for t in tasks})
     on_other.to_csv(folder/'circuit_on_other_task.csv')
     ov = []
     for a, b in itertools.combinations(tasks, 2):
@@ -521,7 +527,7 @@ def run_compare(study:Study, # the study: settings, model, and the earlier stage
                                          f"component: {_numbered(tasks)}"), folder, f'membership_{what}')
     if edges: shared_core(edges, ctl).to_json(folder/'shared_edges.json')
     tables = {t: pd.read_csv(study.stage_dir('drops', t)/'drops_from_full.csv') if study.is_done('drops', t) else
-              drop_table(model, prompts[t], metric=st.metric, ablation=abl[t], progress=study.progress) for t in tasks}
+              _drops(study.scorer(t), None, True, True, study.progress) for t in tasks}  # drop_table with the study's scorer
     hd = head_drops(tables, 10)
     hd.to_csv(folder/'head_drops.csv'); drop_matrix(tables).to_csv(folder/'drops_all.csv', index=False)
     _save(plot_head_drops(tables, 10), folder, 'head_drops')

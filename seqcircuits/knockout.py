@@ -220,8 +220,12 @@ def circuit_scores(model:HookedTransformer, prompts:PromptSet,
                    batch_size:int|None=None, # prompts per forward pass (None: all at once)
                   ) -> dict[str, float]:
     "The score of each circuit (everything else ablated) as a fraction of the full model's metric, by plain forwards; the full model runs once."
-    scorer = NodeScorer(model, prompts, metric, ablation, engine='hooks', batch_size=batch_size)
-    return {k: scorer.score(complement(model, _as_nodes(model, c))) for k, c in circuits.items()}
+    return _circuit_scores(NodeScorer(model, prompts, metric, ablation, engine='hooks', batch_size=batch_size), circuits)
+
+def _circuit_scores(scorer:NodeScorer, circuits:Mapping) -> dict:
+    "`circuit_scores` with a scorer of its own (e.g. the study's): plain forwards whatever its engine."
+    m = scorer.model
+    return {k: scorer.reference_score(complement(m, _as_nodes(m, c))) for k, c in circuits.items()}
 
 # %% ../nbs/08_knockout.ipynb #703a6d0c
 def circuit_score(model:HookedTransformer, prompts:PromptSet,
@@ -251,7 +255,11 @@ def drop_table(model:HookedTransformer, prompts:PromptSet,
                progress:bool=True, # show a progress bar over components
               ) -> pd.DataFrame:
     "Each head and MLP removed alone from the full model (`base=None`) or from a circuit: score and drop in points (columns node kind layer head score_without drop)."
-    scorer = NodeScorer(model, prompts, metric, ablation, engine, batch_size)
+    return _drops(NodeScorer(model, prompts, metric, ablation, engine, batch_size), base, heads, mlps, progress)
+
+def _drops(scorer:NodeScorer, base, heads:bool, mlps:bool, progress:bool) -> pd.DataFrame:
+    "`drop_table` with a scorer of its own (e.g. the study's)."
+    model, prompts = scorer.model, scorer.prompts
     if base is None: B, cands, where = frozenset(), all_nodes(model, heads, mlps), 'full model'
     else:
         keep = _as_nodes(model, base)
@@ -350,8 +358,8 @@ def plot_stability(stability:Stability, title:str|None=None) -> plt.Figure:
 def run_knockout(study:Study, task:str, folder:Path) -> dict:
     "The knockout stage: the task's circuit (`circuit.json`) with the study's metric, threshold and ablation."
     st = study.settings
-    c = find_circuit(study.model, study.prompts(task), metric=st.metric, threshold=st.threshold,
-                     ablation=study.ablation(task), progress=study.progress)
+    c = _find(study.scorer(task), threshold=st.threshold, order=DEFAULT_ORDER, heads=True, mlps=True, keep=(), start=None,
+              max_passes=None, progress=study.progress)  # find_circuit with the study's scorer: the same circuit
     c.to_json(folder/'circuit.json')
     return {'circuit': c.summary(), 'n_heads': len(c.heads), 'n_mlps': len(c.mlps), 'score': c.score}
 
@@ -368,7 +376,7 @@ def run_drops(study:Study, task:str, folder:Path) -> dict:
     st, model, prompts = study.settings, study.model, study.prompts(task)
     out = {}
     for base, label in ((None, 'full'), (study.circuit(task), 'circuit')):
-        df = drop_table(model, prompts, base=base, metric=st.metric, ablation=study.ablation(task), progress=study.progress)
+        df = _drops(study.scorer(task), base, True, True, study.progress)  # drop_table with the study's scorer
         df.to_csv(folder/f'drops_from_{label}.csv', index=False)
         save_figure(plot_drops(df, title=f"{task}: drop when one component is removed from the {label} model" if label == 'full'
                                else f"{task}: drop when one component is removed from the circuit"), folder/f'drops_from_{label}')

@@ -28,10 +28,10 @@ from .knockout import drop_table
 from .mlps import token_strings, check_k, prediction_kinds, PredictionKind, KIND_COLORS
 
 # %% auto #0
-__all__ = ['NEVER', 'LENS_STAGE', 'DLA_STAGE', 'LENS_TASKS_STAGE', 'LensResult', 'logit_lens', 'lens_table', 'answer_by_layer',
-           'first_correct', 'first_correct_counts', 'plot_first_correct', 'member_before_answer', 'plot_lens',
-           'dla_terms', 'dla_per_prompt', 'dla_table', 'dla_sums', 'plot_dla', 'component_roles', 'plot_roles',
-           'run_lens', 'html_lens', 'run_dla', 'html_dla', 'run_lens_tasks', 'html_lens_tasks']
+__all__ = ['NEVER', 'LENS_STAGE', 'DLA_STAGE', 'LENS_TASKS_STAGE', 'LensResult', 'top_k_ids', 'logit_lens', 'lens_table',
+           'answer_by_layer', 'first_correct', 'first_correct_counts', 'plot_first_correct', 'member_before_answer',
+           'plot_lens', 'dla_terms', 'dla_per_prompt', 'dla_table', 'dla_sums', 'plot_dla', 'component_roles',
+           'plot_roles', 'run_lens', 'html_lens', 'run_dla', 'html_dla', 'run_lens_tasks', 'html_lens_tasks']
 
 # %% ../nbs/11_lens.ipynb #6462e4a2
 @dataclass(frozen=True, eq=False)
@@ -82,6 +82,15 @@ def _capture_last(model:HookedTransformer, tokens:Tensor, names:Sequence[str], h
     return got, logits
 
 # %% ../nbs/11_lens.ipynb #e70e7444
+def top_k_ids(x:Float[Tensor, "batch n"], k:int) -> Int[Tensor, "batch k"]:
+    "The ids of each row's `k` largest values, largest first, ties by lowest id: the first `k` of a stable descending sort, without sorting the row (`topk`, then a sort of the ids that reach the k-th value)."
+    kth = x.topk(k, dim=-1).values[:, -1:]  # the k-th largest value of each row
+    cand = x >= kth  # the ids that can be in the top k: k of them, more only where values tie
+    n, V = int(cand.sum(-1).max()), x.shape[-1]
+    ids = torch.arange(V, device=x.device).expand_as(x).masked_fill(~cand, V).topk(n, dim=-1, largest=False).values  # ascending
+    vals = x.gather(-1, ids.clamp(max=V - 1)).masked_fill(ids == V, float('-inf'))
+    return ids.gather(-1, vals.sort(dim=-1, descending=True, stable=True).indices[:, :k])
+
 @torch.no_grad()
 def logit_lens(model:HookedTransformer, prompts:PromptSet,
                k:int=5, # top tokens kept per point and prompt
@@ -109,7 +118,7 @@ def logit_lens(model:HookedTransformer, prompts:PromptSet,
             vocab = torch.arange(lg.shape[-1], device=lg.device)
             rank.append(1 + (lg > la).sum(-1) + ((lg == la) & (vocab < ans[:, None])).sum(-1))
             pr = lg.softmax(-1)
-            ti = lg.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # ties by lowest id, as argmax
+            ti = top_k_ids(lg, k)  # ties by lowest id, as argmax
             ids.append(ti); probs.append(pr.gather(-1, ti)); p.append(pr.gather(-1, ans[:, None])[:, 0])
         for key, v in zip(parts, (ids, probs, rank, p)): parts[key].append(torch.stack(v).cpu())
     cat = {key: torch.cat(v, 1) for key, v in parts.items()}

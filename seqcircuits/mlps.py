@@ -145,12 +145,16 @@ def ablated_predictions(model:HookedTransformer, prompts:PromptSet,
                         k:int=5, # top tokens shown per prompt
                         batch_size:int|None=None, # prompts per forward pass (None: all at once; ~128 for GPT-2)
                         progress:bool=True, # show a progress bar over the removal sets
+                        scorer:NodeScorer|None=None, # a scorer of these prompts and this ablation to read the logits from (e.g. the study's; a `fresh` copy is used); None: a new one
                        ) -> pd.DataFrame:
     "Per removal set and prompt: the ablated model's top-k tokens as text, its top-1 and what kind it is, and whether the prompt is still correct."
     k, prompts = check_k(model, k), check_prompts(model, prompts)
     # knockout's cached engine: a set that differs from the full model first at layer l reruns only layers l..L-1
     # (KL is only its metric; the logits are what we read)
-    scorer = NodeScorer(model, prompts, 'kl', ablation, batch_size=batch_size)
+    if scorer is None: scorer = NodeScorer(model, prompts, 'kl', ablation, batch_size=batch_size)
+    elif scorer.model is not model or scorer.prompts.digest() != prompts.digest():
+        raise ValueError("`scorer` scores other prompts or another model: give a scorer of these prompts (or none).")
+    else: scorer = scorer.fresh()
     answers, texts = token_strings(model, prompts.answer), list(prompts.prompts) or [''] * prompts.n_prompts
     frames = []
     for label, nodes in tqdm(removals.items(), desc='removal sets', disable=not progress, unit='set'):
@@ -227,7 +231,8 @@ def run_mlps(study:Study, task:str, folder:Path) -> dict:
     drops = pd.read_csv(study.stage_dir('drops', task)/'drops_from_full.csv') if study.is_done('drops', task) else None
     rem = mlp_removal(model, prompts, st.threshold, st.metric, abl, progress=False, drops=drops)
     rem.to_csv(folder/'mlp_removal.csv', index=False)
-    preds = ablated_predictions(model, prompts, removal_sets(model, study.circuit(task)), abl, progress=False)
+    preds = ablated_predictions(model, prompts, removal_sets(model, study.circuit(task)), abl, progress=False,
+                                scorer=study.scorer(task))  # the study's: the full model has run on these prompts
     summary = prediction_summary(preds)
     summary.to_csv(folder/'predictions.csv')
     prediction_examples(preds, N_EXAMPLES).to_csv(folder/'examples.csv', index=False)

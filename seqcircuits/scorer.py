@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_scorer.ipynb #ed9918ea
 from __future__ import annotations
-import math, warnings
+import copy, math, warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -65,6 +65,20 @@ class NodeScorer:
             warnings.warn(f"The fast engine does not support this architecture ({model.cfg.original_architecture}); "
                           f"using the hooks engine (one full forward per candidate).")
         if self.engine == Engine.FAST: self._init_cache()
+
+    def fresh(self, metric:str|Metric|None=None, # the new scorer's metric (default: this one's)
+             ) -> NodeScorer:
+        "A scorer of the same model, prompts and ablation that gives exactly what a new `NodeScorer` would, without its forward passes: it reuses the full model's logits, the embeddings and the fast engine's check, not the memo, the base or the cache."
+        new = copy.copy(self)
+        new.metric = self.metric if metric is None else get_metric(metric)
+        new.chunks = [_Chunk(c.prompts, c.ablation, c.ref) for c in self.chunks]
+        if self.engine == Engine.FAST:
+            for n, c in zip(new.chunks, self.chunks): n.pre, n.mid, n.z = [c.pre[0]] + [None] * (self.L - 1), [None] * self.L, [None] * self.L
+        full = new._per_prompt([c.ref for c in new.chunks])
+        new.full = full.mean().item()
+        if metric is not None: new.metric.check_full(new.full, self.prompts, full)
+        new.base, new.memo, new.n_evals, new.n_memo_hits = frozenset(), {}, 0, 0
+        return new
 
     # --- the quantity
     def _per_prompt(self, logits:list[Tensor]) -> Tensor:

@@ -23,11 +23,12 @@ from .model import load_model, weights_fingerprint, config_fingerprint
 from .metrics import get_metric
 from .ablation import Ablation, AblationKind, compute_ablation
 from .data import make_prompts, filter_prompts, get_task, get_template
+from .scorer import NodeScorer
 
 # %% auto #0
-__all__ = ['EDGE_METHODS', 'MANIFEST', 'LOCK', 'DONE', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256', 'StudyWarning',
-           'StudyLockedError', 'study_lock', 'Study', 'Stage', 'html_table', 'html_image', 'run_prompts',
-           'html_prompts', 'versions', 'check_out', 'run_study']
+__all__ = ['EDGE_METHODS', 'MANIFEST', 'LOCK', 'DONE', 'STUDY_BATCH', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256',
+           'StudyWarning', 'StudyLockedError', 'study_lock', 'Study', 'Stage', 'html_table', 'html_image',
+           'run_prompts', 'html_prompts', 'versions', 'check_out', 'run_study']
 
 # %% ../nbs/06_study.ipynb #132ddb06
 EDGE_METHODS = ('path', 'knockout', 'acdc', 'eap') # the edges stage's methods (see the baselines notebook)
@@ -141,6 +142,8 @@ def _rel(rel:str, where:Path) -> str:
         raise ValueError(f"{where} records the path {rel!r}, which is not inside the study folder: the file is damaged or "
                          f"was edited. Move the folder away (or delete it) and run again.")
     return rel
+
+STUDY_BATCH = 256 # prompts per forward pass of the study's scorers (all 1536 at once cost more CPU per prompt: memory handed back to the system and taken again)
 
 def _digest(files:dict) -> str:
     "A stage's content digest: the hash of its files' checksums (what a later stage's record of its inputs holds)."
@@ -264,6 +267,13 @@ class Study:
         k = ('ablation', task, self._stage_digest(self._key('prompts', task)))
         if k not in self._cache: self._cache[k] = compute_ablation(self.model, self.prompts(task), self.settings.ablation)
         return self._cache[k]
+    def scorer(self, task:str, metric:str|None=None) -> NodeScorer:
+        "A `NodeScorer` of the task's prompts with the study's ablation and metric (or `metric`), in batches of `STUDY_BATCH` prompts: built once per task, each caller gets a `fresh` copy (exactly what a new scorer gives)."
+        k = ('scorer', task, self._stage_digest(self._key('prompts', task)))
+        if k not in self._cache:
+            self._cache[k] = NodeScorer(self.model, self.prompts(task), self.settings.metric, self.ablation(task),
+                                        batch_size=STUDY_BATCH).fresh()  # the copy holds no cache beyond the embeddings
+        return self._cache[k].fresh(metric)
 
 # %% ../nbs/06_study.ipynb #184f13f4
 @dataclass(frozen=True)
