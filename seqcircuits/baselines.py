@@ -271,7 +271,8 @@ def path_patching(model:HookedTransformer, prompts:PromptSet,
     t0 = time.perf_counter()
     c = find_edges(model, prompts, start, threshold=threshold, metric=metric, ablation=ablation, progress=progress,
                    faithfulness=False, **kwargs)
-    sc = EdgeScorer(model, prompts, start, metric, c.meta['ablation'] if isinstance(ablation, str) else ablation)
+    sc = EdgeScorer(model, prompts, start, metric, c.meta['ablation'] if isinstance(ablation, str) else ablation,
+                    batch_size=kwargs.get('batch_size', 256))  # find_edges's batches (all prompts at once cost more CPU)
     n = len(c.meta['receivers'])  # scored on the start's edges: a dropped node sends no edge, the same as ablated
     return replace(c, score=sc.score(sc.missing(c)), meta=dict(c.meta, forwards=3 + n + sc.counts['forwards'] + 1, backwards=0,
                                                                 sets=n + 1, seconds=round(time.perf_counter() - t0, 4)))

@@ -306,7 +306,7 @@ def circuit_on_other_task(model:HookedTransformer,
     out, sd = {}, {}
     for t in tqdm(rows, desc='circuit on other task', disable=not progress, unit='task'):
         want = {(name, i): c for name, cs in cols.items() for i, c in enumerate(cs)}
-        if scorers is not None and t in scorers:  # plain forwards as `circuit_scores`, the full model's logits reused
+        if scorers is not None and t in scorers:  # by the scorer's engine, the full model's logits reused
             if scorers[t].prompts.digest() != prompts[t].digest(): raise ValueError(f"scorers[{t!r}] scores other prompts than prompts[{t!r}].")
             got = _circuit_scores(scorers[t].fresh(metric), want)
         else: got = circuit_scores(model, prompts[t], want, metric, abl[t], batch_size)
