@@ -61,13 +61,13 @@ def _run(src: Path, out: Path, n_prompts: int | None) -> dict:
     return got
 
 # --- comparing two study folders
-_TIME_KEYS = {'seconds'}
+_SKIP_KEYS = {'seconds', 'files', 'inputs'}  # times; and checksums of files (their bytes: the numbers are compared instead)
 
 def _same(a, b, rtol: float, where: str, diffs: list):
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b): diffs.append(f"{where}: keys {sorted(set(a) ^ set(b))[:5]} differ"); return
         for k in a:
-            if k not in _TIME_KEYS: _same(a[k], b[k], rtol, f"{where}.{k}", diffs)
+            if k not in _SKIP_KEYS: _same(a[k], b[k], rtol, f"{where}.{k}", diffs)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b): diffs.append(f"{where}: lengths {len(a)} and {len(b)}"); return
         for i, (x, y) in enumerate(zip(a, b)): _same(x, y, rtol, f"{where}[{i}]", diffs)
@@ -77,7 +77,7 @@ def _same(a, b, rtol: float, where: str, diffs: list):
     elif a != b: diffs.append(f"{where}: {str(a)[:60]!r} and {str(b)[:60]!r}")
 
 def compare_studies(a: Path, b: Path, rtol: float = 1e-4) -> list[str]:
-    "The differences between the CSV and JSON results of two study folders (numbers within `rtol` count as equal; times are skipped)."
+    "The differences between the CSV and JSON results of two study folders: numbers within `rtol` count as equal; times and checksums are skipped."
     import numpy as np, pandas as pd
     diffs = []
     files = lambda d: {p.relative_to(d).as_posix() for p in d.rglob('*') if p.suffix in ('.csv', '.json') and p.name != 'study.json'
@@ -98,6 +98,11 @@ def compare_studies(a: Path, b: Path, rtol: float = 1e-4) -> list[str]:
                 i = int(np.flatnonzero(bad)[0])
                 diffs.append(f"{f}: column {c!r}, {int(bad.sum())} rows differ (row {i}: {x[c].iloc[i]!r} and {y[c].iloc[i]!r})")
     return diffs
+
+def _byte_identical(a: Path, b: Path) -> tuple[int, int]:
+    "How many of the CSV files of both folders are byte for byte identical, of how many."
+    files = sorted(p.relative_to(a) for p in a.rglob('*.csv') if (b/p.relative_to(a)).is_file())
+    return sum((a/f).read_bytes() == (b/f).read_bytes() for f in files), len(files)
 
 # --- the report
 def _by_stage(t: dict) -> dict:
@@ -155,7 +160,9 @@ def main():
             co = old['user'] + old['sys']
             print(f"old total: {co:.1f} CPU s, {old['wall']:.1f} wall s; old / new: {co / cpu:.2f} x CPU, {old['wall'] / new['wall']:.2f} x wall")
             diffs = compare_studies(base/'old', base/'new', a.rtol)
-            print(f"\nresults: {'the same' if not diffs else f'{len(diffs)} differences'} (every CSV and JSON, rtol {a.rtol:g})")
+            same = _byte_identical(base/'old', base/'new')
+            print(f"\nresults: {'the same' if not diffs else f'{len(diffs)} differences'} (every CSV and JSON, rtol {a.rtol:g}); "
+                  f"{same[0]} of {same[1]} CSV files byte for byte identical")
             for d in diffs[:40]: print('  ' + d)
 
 if __name__ == '__main__': main()
