@@ -12,16 +12,19 @@ task and shares them), and the same node circuit (node knockout's, timed separat
 Run: `python bench/bench_baselines.py --threads 1` (`--quick`: the organism only, fewer prompts).
 """
 import argparse, time
+from pathlib import Path
 
 import torch
 
 from seqcircuits.core import Circuit
 from seqcircuits.model import organism_dir, load_model, gpt2_small_config, random_model
-from seqcircuits.data import model_labelled_prompts, make_prompts, filter_prompts, gpt2_tokenizer, find_gpt2_tokenizer
+from seqcircuits.data import model_labelled_prompts, make_prompts, filter_prompts, gpt2_tokenizer
 from seqcircuits.ablation import compute_ablation
 from seqcircuits.knockout import find_circuit
 from seqcircuits.edge_scorer import EdgeScorer
 from seqcircuits.baselines import edge_knockout, acdc_at, path_patching
+
+GPT2_FILES = Path(__file__).resolve().parents[1]/'tests'/'data'/'gpt2-tokenizer'  # the repository's copy of GPT-2's tokenizer files
 
 
 def timed(fn):
@@ -85,10 +88,8 @@ if __name__ == '__main__':
     if not a.quick and a.only != 'organism':
         cfg = gpt2_small_config(n_ctx=64, act_fn='gelu')
         model = random_model(cfg, seed=0)
-        if find_gpt2_tokenizer() is not None:
-            p = make_prompts(gpt2_tokenizer(), 'numerals', 'done', n_prompts=a.gpt2_prompts, seed=0)
-            ps, what = model_labelled_prompts(model, p.clean, p.corrupted, wrong_rank=20), 'numerals "done" prompts (GPT-2 tokenizer)'
-        else: ps, what = model_labelled_prompts(model, n_prompts=a.gpt2_prompts, n_pos=20, wrong_rank=20), 'random tokens'
+        p = make_prompts(gpt2_tokenizer(GPT2_FILES), 'numerals', 'done', n_prompts=a.gpt2_prompts, seed=0)
+        ps, what = model_labelled_prompts(model, p.clean, p.corrupted, wrong_rank=20), 'numerals "done" prompts (GPT-2 tokenizer)'
         abl = compute_ablation(model, ps)
         nodes, t = timed(lambda: find_circuit(model, ps, ablation=abl, progress=False))
         print(f"GPT-2-size random model: node knockout {t:.2f} s")

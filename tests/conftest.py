@@ -1,4 +1,5 @@
-"""Fixtures and settings shared by the tests: the bundled organism (loaded once per session), the `slow` marker, and the
+"""Fixtures and settings shared by the tests: the bundled organism (loaded once per session), a small random model with
+its prompts and circuit (`make_rand3`), the `slow` marker, and the
 GPT-2 stand-in's Hugging Face cache (built once, kept in pytest's cache folder between sessions)."""
 import os, sys
 from pathlib import Path
@@ -17,6 +18,23 @@ ORGANISM_MAX_BYTES = 8 * 2**20  # the bundled organism's files stay under 8 MiB:
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes minutes of CPU (whole studies through the command line); '
                                        'deselect with -m "not slow"')
+
+
+def make_rand3(**label_kw):
+    """A random 3-layer model (4 heads of d_head 8), 10 prompts of random tokens labelled by the model's own predictions
+    (`label_kw` goes to `model_labelled_prompts`), and a 7-node circuit over all three layers: for exact comparisons."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from seqcircuits.core import Circuit
+    from seqcircuits.model import config_fingerprint
+    from seqcircuits.data import model_labelled_prompts
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_mlp=64, d_vocab=40,
+                                  act_fn='gelu', normalization_type='LN', seed=1)
+    model = HookedTransformer(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = model_labelled_prompts(model, torch.randint(0, 40, (10, 7), generator=g),
+                                     torch.randint(0, 40, (10, 7), generator=g), **label_kw)
+    return model, prompts, Circuit.from_names('0.1 MLP0 1.2 MLP1 2.1 2.3 MLP2', config_hash=config_fingerprint(cfg))
 
 
 @pytest.fixture(scope='session')

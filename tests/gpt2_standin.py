@@ -8,7 +8,7 @@ downloads `gpt2` (`refs/main` naming a snapshot, the snapshot's files linked to 
 and conversion code on it.
 
 The weights are not GPT-2's: they are a small GPT-2-architecture model (4 layers x 4 heads, d_model 64, GPT-2's
-vocabulary and positions) trained here, in about a minute on one CPU thread, to continue the study's sequences
+vocabulary and positions) trained here, in one to two minutes on one CPU thread, to continue the study's sequences
 (numerals, number words, months, in every template) with the real GPT-2 tokenizer. So the whole study - the filter
 included - runs through the GPT-2 path and GPT-2 tokenization. Nothing here is shipped or downloaded.
 
@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 TOKENIZER_FILES = HERE/'data'/'gpt2-tokenizer'  # vocab.json, merges.txt (GPT-2's, byte-identical) and their LICENSE
 REPO = 'gpt2'  # the Hugging Face repository TransformerLens loads for 'gpt2-small'
 
-# The stand-in's shape: GPT-2's vocabulary, context and block design, small enough to train in about a minute.
+# The stand-in's shape: GPT-2's vocabulary, context and block design, small enough to train in one to two minutes.
 CONFIG = {
     "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1, "bos_token_id": 50256,
     "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
@@ -62,7 +62,7 @@ TOKENIZER_CONFIG = {"model_max_length": 1024}
 
 TASKS = ('numerals', 'number_words', 'months')
 TEMPLATES = ('pure', 'born', 'lost', 'done')
-TRAIN = dict(steps=800, batch_size=32, lr=3e-3, prompts_per_set=512, seed=0)
+TRAIN = dict(steps=1200, batch_size=32, lr=3e-3, prompts_per_set=512, seed=0)
 
 
 def build_key() -> str:

@@ -4,6 +4,7 @@ import random
 from dataclasses import replace
 
 import pytest
+from conftest import make_rand3
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -71,14 +72,7 @@ def plain_score(model, prompts, nodes, removed, abl, metric='logit_diff'):
 
 
 @pytest.fixture(scope='module')
-def rand3():
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_ctx=16, d_head=8, n_heads=4, d_mlp=64, d_vocab=40,
-                                  act_fn='gelu', normalization_type='LN', seed=1)
-    model = HookedTransformer(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = model_labelled_prompts(model, torch.randint(0, 40, (10, 7), generator=g),
-                                     torch.randint(0, 40, (10, 7), generator=g), wrong_rank=25)
-    return model, prompts, Circuit.from_names('0.1 MLP0 1.2 MLP1 2.1 2.3 MLP2', config_hash=config_fingerprint(cfg))
+def rand3(): return make_rand3(wrong_rank=25)
 
 
 @pytest.fixture(scope='module')
