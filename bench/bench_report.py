@@ -133,6 +133,7 @@ def main():
     p.add_argument('--ref', help="also run this git commit's seqcircuits (e.g. main) and compare")
     p.add_argument('--n-prompts', type=int, help='prompts per task (default: the study default, 1536)')
     p.add_argument('--rtol', type=float, default=1e-4, help='relative tolerance when comparing the results')
+    p.add_argument('--new-first', action='store_true', help='run this checkout before --ref (to check the order does not favour one)')
     p.add_argument('--keep', help='keep the study folders under this folder (default: a temporary folder, removed)')
     p.add_argument('--inner', nargs=2, metavar=('OUT', 'TIMINGS'), help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -149,8 +150,9 @@ def main():
             arch = subprocess.run(['git', '-C', str(ROOT), 'archive', a.ref, 'seqcircuits'], check=True, capture_output=True).stdout
             subprocess.run(['tar', '-x', '-C', str(src)], input=arch, check=True)
             print(f"old: {a.ref} ({subprocess.run(['git', '-C', str(ROOT), 'rev-parse', '--short', a.ref], capture_output=True, text=True).stdout.strip()})", flush=True)
-            old = _run(src, base/'old', a.n_prompts)
-        new = _run(ROOT, base/'new', a.n_prompts)
+        if a.new_first: new = _run(ROOT, base/'new', a.n_prompts)
+        if a.ref: old = _run(src, base/'old', a.n_prompts)
+        if not a.new_first: new = _run(ROOT, base/'new', a.n_prompts)
         print(f"new: this checkout ({ROOT})\nload average {os.getloadavg()[0]:.1f} at the end\n")
         print(_table(new, old))
         cpu = new['user'] + new['sys']
