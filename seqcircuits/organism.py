@@ -204,7 +204,7 @@ def organism_config(d_vocab:int|None=None, # vocabulary size; default the size o
                     n_layers:int=3, # blocks
                     d_model:int=64, # residual width
                     n_heads:int=1, # heads per block
-                    d_mlp:int=64, # MLP width
+                    d_mlp:int=80, # MLP width (not d_model: TransformerLens 3.x folds the norms wrongly when the two are equal)
                     n_ctx:int=96, # context length (training prompts reach about 70 tokens)
                    ) -> HookedTransformerConfig:
     "The organism's architecture: a small GPT-style transformer with LayerNorm, GELU MLPs and learned positions."
