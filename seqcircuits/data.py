@@ -20,18 +20,23 @@ from .core import PromptSet, lookup, check_count
 from .model import final_logits, check_prompts, vocab_fingerprint, load_tokenizer, ModelUnavailableError
 
 # %% auto #0
-__all__ = ['TASKS', 'NAMES', 'LOST_NOUNS', 'DONE_NOUNS', 'TEMPLATES', 'WORD_SPECIALS', 'Task', 'get_task', 'sequence', 'Template',
-           'get_template', 'render', 'vocabulary', 'word_tokenizer', 'gpt2_tokenizer', 'token_id', 'Corruption',
-           'make_prompts', 'single_token_report', 'examples', 'filter_prompts', 'model_labelled_prompts']
+__all__ = ['ANSWER_RULES', 'TASKS', 'NAMES', 'LOST_NOUNS', 'DONE_NOUNS', 'TEMPLATES', 'WORD_SPECIALS', 'Task', 'get_task',
+           'sequence', 'Template', 'get_template', 'render', 'vocabulary', 'word_tokenizer', 'gpt2_tokenizer',
+           'token_id', 'Corruption', 'make_prompts', 'single_token_report', 'examples', 'filter_prompts',
+           'model_labelled_prompts']
 
 # %% ../nbs/02_data.ipynb #7c565f41
+ANSWER_RULES = ('next', 'first') # how a task's answer follows from the members shown
+
 @dataclass(frozen=True)
 class Task:
-    "An ordered sequence type, given by its members: a prompt walks through them `step` members at a time."
+    "An ordered sequence type, given by its members: a prompt walks through them `step` members at a time (a control task answers by another rule)."
     name: str # short name, e.g. 'months'
     members: tuple[str, ...] # the members in order, each one word with no leading space
     wraps: bool = False # cyclic (days, months): after the last member comes the first
     step: int = 1 # members advanced per prompt position (2 for the step +2 task over 1..24)
+    control: bool = False # a control task: not a sequence continuation (its answer follows `answer`)
+    answer: str = 'next' # the answer rule: 'next' (the member after the last one shown) or 'first' (the first member shown: copy)
 
     def __post_init__(self):
         object.__setattr__(self, 'members', tuple(self.members))
@@ -41,12 +46,18 @@ class Task:
         dup = sorted({m for m in self.members if self.members.count(m) > 1})
         if dup: raise ValueError(f"Task {self.name!r}: members must be distinct, {dup} appear more than once.")
         if self.step == 0: raise ValueError(f"Task {self.name!r}: step must be non-zero.")
+        if self.answer not in ANSWER_RULES: raise ValueError(f"Task {self.name!r}: unknown answer rule {self.answer!r}; use one of {list(ANSWER_RULES)}.")
 
     def __len__(self): return len(self.members)
     def index(self, member:str) -> int:
         "1-based position of `member` in the task."
         if member not in self.members: raise ValueError(f"{member!r} is not a member of task {self.name!r}: {self.members}.")
         return self.members.index(member) + 1
+    def answer_of(self, shown:Sequence[str], # the members a prompt shows, in order
+                  following:str, # the member after the last one shown (`sequence(task, start, n + 1)[-1]`)
+                 ) -> str:
+        "The member that answers a prompt showing `shown`: `following` for a sequence task, `shown[0]` for a copy task."
+        return following if self.answer == 'next' else shown[0]
 
 # %% ../nbs/02_data.ipynb #4eb900dd
 _NUMS = tuple(str(i) for i in range(1, 13))
@@ -58,6 +69,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task('step2', tuple(str(i) for i in range(1, 25)), step=2),
     Task('days', tuple('Monday Tuesday Wednesday Thursday Friday Saturday Sunday'.split()), wraps=True),
     Task('letters', tuple(string.ascii_uppercase)),
+    Task('copy', tuple('red green blue yellow black white brown pink orange purple grey gold'.split()), control=True, answer='first'),
 ]}
 
 # %% ../nbs/02_data.ipynb #053ecd06
@@ -304,8 +316,8 @@ def make_prompts(tokenizer_or_model, # a Hugging Face tokenizer, or a HookedTran
         for sp in ('', ' '): token_id(tok, sp + f, f"filler of template {template.name!r}")
     for s in starts:
         for m in seqs[s][:-1]: token_id(tok, ' ' + m, f"member of task {task.name!r}")
-    answer = [token_id(tok, ' ' + seqs[s][-1], 'answer') for s in starts]
-    wrong = [token_id(tok, ' ' + seqs[s][-2], 'wrong answer') for s in starts]
+    answer = [token_id(tok, ' ' + task.answer_of(seqs[s][:-1], seqs[s][-1]), 'answer') for s in starts]
+    wrong = [token_id(tok, ' ' + seqs[s][-2], 'wrong answer') for s in starts]  # the last member shown
     # member slots: which members can stand in each (the first slot of a pure prompt has no leading space)
     text0, offsets = _render_spans(template, seqs[starts[0]][:-1], template.fillers[:n_members + 1])
     slots = _slot_ids(tok, task, text0, offsets)

@@ -133,7 +133,7 @@ def test_4_changed_weights_are_not_resumed(organism, tmp_path):
     st, out = replace(SMALL, model=str(m)), tmp_path/'study'
     run_study(st, out, STAGES, progress=False)
     changed = load_model(m)
-    with torch.no_grad(): changed.blocks[1].mlp.W_out.mul_(0.5)
+    with torch.no_grad(): changed.blocks[-1].mlp.W_out.mul_(0.5)  # the last layer's MLP (the organism's only one)
     save_model(changed, m)
     with pytest.raises(FileExistsError, match='weights'):
         run_study(st, out, STAGES, progress=False)
@@ -168,7 +168,7 @@ def test_5_nan_in_the_model(organism, ps):
 def test_5_nan_in_the_ablation(organism, ps):
     from seqcircuits.ablation import compute_ablation
     abl = compute_ablation(organism, ps)
-    abl.values['blocks.0.attn.hook_z'][3, 2, 0] = float('nan')
+    abl.values['blocks.0.attn.hook_z'][3, 0, 0] = float('nan')  # position 3, head 0.0
     circuit = find_circuit(organism, ps, progress=False)
     for f in (lambda: find_circuit(organism, ps, ablation=abl, progress=False),
               lambda: drop_table(organism, ps, ablation=abl, progress=False),
@@ -211,7 +211,7 @@ def test_7_empty_or_too_weak_start_is_refused(organism, ps):
     with pytest.raises(ValueError, match='start'):
         find_circuit(organism, ps, start=[], progress=False)
     with pytest.raises(ValueError, match='below the threshold'):
-        find_circuit(organism, ps, start=['0.0', '1.1'], progress=False)
+        find_circuit(organism, ps, start=['1.0'], progress=False)  # without head 0.0 the organism keeps far below 80%
 
 def test_7_full_metric_near_zero_is_refused(organism, ps):
     from seqcircuits.core import concat_prompts
