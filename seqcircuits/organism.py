@@ -349,11 +349,6 @@ def heldout_study_prompts(model:HookedTransformer, # the organism
                           heldout:float=0.25, # the held-out share the organism was trained with
                          ) -> PromptSet:
     "The study's prompt set for `task` (templates pooled, filtered by the model to `n_prompts`), made of held-out prompts only."
-    from seqcircuits.study import StudySettings
-    from seqcircuits.core import concat_prompts
-    from seqcircuits.data import filter_prompts
-    st = settings or StudySettings()
-    per = st.n_prompts // len(st.templates)  # kept per template: per // 8 for each of the 8 start members
-    made = -(-int(per * 1.25) // 8) * 8
-    sets = [heldout_prompts(model, task, t, made, seed=st.seed + i, heldout=heldout) for i, t in enumerate(st.templates)]
-    return filter_prompts(model, concat_prompts(sets, task=task), max_per_group=per // 8)[0]
+    from seqcircuits.study import StudySettings, study_prompt_set
+    make = lambda m, task, t, n, seed: heldout_prompts(m, task, t, n, seed=seed, heldout=heldout)
+    return study_prompt_set(model, task, settings or StudySettings(), make)[1]

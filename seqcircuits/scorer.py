@@ -56,10 +56,7 @@ class NodeScorer:
                 a = abl if (i, j) == (0, n) else abl.take(slice(i, j))
                 ref = check_finite(final_logits(model, p.clean), f"the full model's logits on {prompts!r}")
                 self.chunks.append(_Chunk(p, a, ref))
-        full = self._per_prompt([c.ref for c in self.chunks])
-        self.full = full.mean().item()
-        self.metric.check_full(self.full, prompts, full)
-        self.base, self.memo, self.n_evals, self.n_memo_hits = frozenset(), {}, 0, 0
+        self._start()
         self.engine = resolve_engine(model, engine)
         if Engine(engine) == Engine.AUTO and self.engine == Engine.HOOKS:
             warnings.warn(f"The fast engine does not support this architecture ({model.cfg.original_architecture}); "
@@ -74,11 +71,15 @@ class NodeScorer:
         new.chunks = [_Chunk(c.prompts, c.ablation, c.ref) for c in self.chunks]
         if self.engine == Engine.FAST:
             for n, c in zip(new.chunks, self.chunks): n.pre, n.mid, n.z = [c.pre[0]] + [None] * (self.L - 1), [None] * self.L, [None] * self.L
-        full = new._per_prompt([c.ref for c in new.chunks])
-        new.full = full.mean().item()
-        if metric is not None: new.metric.check_full(new.full, self.prompts, full)
-        new.base, new.memo, new.n_evals, new.n_memo_hits = frozenset(), {}, 0, 0
+        new._start(check=metric is not None)
         return new
+
+    def _start(self, check:bool=True):
+        "The full model's metric from the chunks' reference logits (checked unless `check` is False), and no removal yet, no memo, no counts."
+        full = self._per_prompt([c.ref for c in self.chunks])
+        self.full = full.mean().item()
+        if check: self.metric.check_full(self.full, self.prompts, full)
+        self.base, self.memo, self.n_evals, self.n_memo_hits = frozenset(), {}, 0, 0
 
     # --- the quantity
     def _per_prompt(self, logits:list[Tensor]) -> Tensor:

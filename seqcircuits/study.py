@@ -28,7 +28,7 @@ from .scorer import NodeScorer
 # %% auto #0
 __all__ = ['EDGE_METHODS', 'MANIFEST', 'LOCK', 'DONE', 'STUDY_BATCH', 'PROMPTS_STAGE', 'StudySettings', 'file_sha256',
            'StudyWarning', 'StudyLockedError', 'study_lock', 'Study', 'Stage', 'html_table', 'html_image',
-           'run_prompts', 'html_prompts', 'versions', 'check_out', 'run_study']
+           'study_prompt_set', 'run_prompts', 'html_prompts', 'versions', 'check_out', 'run_study']
 
 # %% ../nbs/06_study.ipynb #132ddb06
 EDGE_METHODS = ('path', 'knockout', 'acdc', 'eap') # the edges stage's methods (see the baselines notebook)
@@ -299,16 +299,20 @@ def html_image(rel:str, # the image's path relative to the study folder, e.g. f"
 # %% ../nbs/06_study.ipynb #08090a87
 _SPARE = 1.25 # prompts made per prompt kept: room for the prompts a model fails
 
+def study_prompt_set(model:HookedTransformer, task:str, settings:StudySettings,
+                     make:Callable=make_prompts, # (model, task, template, n_prompts, seed=) -> PromptSet, e.g. held-out prompts only
+                    ) -> tuple[PromptSet, PromptSet, pd.DataFrame]:
+    "The study's prompt set of `task`: `make`'s sets of every template (with spares) pooled, then filtered by the model to `n_prompts` balanced per template and start member; returns (made, kept, filter report)."
+    per = settings.n_prompts // len(settings.templates)  # kept per template: per // 8 for each of the 8 start members
+    made = -(-int(per * _SPARE) // 8) * 8
+    raw = concat_prompts([make(model, task, t, made, seed=settings.seed + i) for i, t in enumerate(settings.templates)], task=task)
+    return (raw, *filter_prompts(model, raw, max_per_group=per // 8))
+
 def run_prompts(study:Study, task:str, folder:Path) -> dict:
     "The prompts stage: one prompt set per task (its templates pooled), filtered by the model (`prompts.json`, `filter.csv`)."
-    st, model = study.settings, study.model
-    per = st.n_prompts // len(st.templates)  # kept per template: per // 8 for each of the 8 start members
-    made = -(-int(per * _SPARE) // 8) * 8
-    sets = [make_prompts(model, task, t, n_prompts=made, seed=st.seed + i) for i, t in enumerate(st.templates)]
-    raw = concat_prompts(sets, task=task)
-    kept, report = filter_prompts(model, raw, max_per_group=per // 8)
+    raw, kept, report = study_prompt_set(study.model, task, study.settings)
     kept.to_json(folder/'prompts.json'); report.reset_index().to_csv(folder/'filter.csv', index=False)
-    return {'n_made': raw.n_prompts, 'n_wanted': st.n_prompts, 'n_kept': kept.n_prompts, 'n_pos': kept.n_pos,
+    return {'n_made': raw.n_prompts, 'n_wanted': study.settings.n_prompts, 'n_kept': kept.n_prompts, 'n_pos': kept.n_pos,
             'example': kept.prompts[0] if kept.prompts else ''}
 
 # %% ../nbs/06_study.ipynb #a71ee449
